@@ -1,0 +1,288 @@
+"""The running agent: wires config, spool, sources, batcher and uploader on one
+asyncio loop, supervises them, handles signals and publishes status.
+
+Signals: SIGTERM/SIGINT stop cleanly (sources stop, what was read is
+committed, the uploader waits `upload.shutdown_timeout` for acknowledgements);
+SIGHUP reloads the config file (an invalid file is reported and the running
+config kept); SIGUSR1 wakes the uploader (`edgeagent wake`, OpenWrt hotplug).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import platform
+import signal
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from edgeagent import __version__, clock
+from edgeagent import config as config_mod
+from edgeagent.config import Config, ConfigError
+from edgeagent.otlp import ChunkEncoder
+from edgeagent.pipeline import Batcher, Source, SourceContext, Uploader, UploaderContext
+from edgeagent.spool import Spool
+
+log = logging.getLogger("edgeagent")
+
+STATUS_INTERVAL = 5.0
+_RESTART_MIN, _RESTART_MAX = 1.0, 60.0
+
+# OpenTelemetry host.arch values for what platform.machine() says.
+_ARCH = {
+    "x86_64": "amd64",
+    "amd64": "amd64",
+    "aarch64": "arm64",
+    "arm64": "arm64",
+    "armv7l": "arm32",
+    "armv6l": "arm32",
+    "i686": "x86",
+    "i386": "x86",
+    "ppc64le": "ppc64",
+    "s390x": "s390x",
+}
+
+
+def resource_attributes(config: Config) -> dict[str, Any]:
+    """Who sent the logs: the device id plus OpenTelemetry host attributes."""
+    attrs: dict[str, Any] = {
+        "service.name": "edgeagent",
+        "service.version": __version__,
+        "device.id": config.device_id,
+        "host.name": socket.gethostname(),
+        "os.type": "linux",
+    }
+    try:
+        machine_id = Path("/etc/machine-id").read_text().strip()
+        if machine_id:
+            attrs["host.id"] = machine_id
+    except OSError:
+        pass
+    machine = platform.machine()
+    attrs["host.arch"] = _ARCH.get(machine, machine)
+    attrs.update(config.resource)
+    return attrs
+
+
+class Agent:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.spool: Spool | None = None
+        self.boot_id = clock.boot_id()
+        self.started = time.time()
+        self._stop = asyncio.Event()
+        self._reload = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._sources: list[Source] = []
+        self._uploader: Uploader | None = None
+        self._uploader_ctx: UploaderContext | None = None
+        self._batcher: Batcher | None = None
+        self._errors: dict[str, str] = {}
+        self._last_status = ""
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig, handler in (
+            (signal.SIGTERM, self._stop.set),
+            (signal.SIGINT, self._stop.set),
+            (signal.SIGHUP, self._reload.set),
+            (signal.SIGUSR1, self._wake),
+        ):
+            loop.add_signal_handler(sig, handler)
+        self.spool = Spool.open(
+            self.config.spool_path,
+            max_size=self.config.spool.max_size,
+            durability=self.config.spool.durability,
+            journal=self.config.spool.journal,
+            dead_letters_max=self.config.spool.dead_letters_max,
+        )
+        for event in self.spool.events:
+            log.error("%s", event)
+        log.info(
+            "edgeagent %s started: device %s, spool %s (%s, durability %s), boot %s",
+            __version__,
+            self.config.device_id,
+            self.config.spool_path,
+            self.spool.journal,
+            self.config.spool.durability,
+            self.boot_id,
+        )
+        try:
+            self._start_components()
+            self._write_status("running")
+            while not self._stop.is_set():
+                stop_wait = asyncio.ensure_future(self._stop.wait())
+                reload_wait = asyncio.ensure_future(self._reload.wait())
+                await asyncio.wait({stop_wait, reload_wait}, timeout=STATUS_INTERVAL, return_when="FIRST_COMPLETED")
+                stop_wait.cancel()
+                reload_wait.cancel()
+                if self._reload.is_set() and not self._stop.is_set():
+                    self._reload.clear()
+                    await self._apply_reload()
+                self._write_status("running")
+            log.info("stopping")
+            await self._stop_components()
+            self._write_status("stopped")
+        finally:
+            self.spool.close()
+        log.info("stopped")
+        return 0
+
+    def _wake(self) -> None:
+        if self._uploader_ctx is not None:
+            self._uploader_ctx.wake()
+
+    def _start_components(self) -> None:
+        from edgeagent.sources import build_sources
+        from edgeagent.uploaders import build_uploader
+
+        assert self.spool is not None
+        config = self.config
+        encoder = ChunkEncoder(resource_attributes(config), __version__)
+        self._uploader = build_uploader(config)
+        if self._uploader is not None:
+            self._uploader_ctx = UploaderContext(self.spool, config)
+        on_commit = self._uploader_ctx.wake if self._uploader_ctx is not None else None
+        self._batcher = Batcher(self.spool, encoder, self.boot_id, config.spool, on_commit=on_commit)
+        source_ctx = SourceContext(self._batcher, self.spool, self.boot_id, config)
+        self._sources = build_sources(config)
+        for source in self._sources:
+            self._spawn(f"source {source.name}", lambda s=source: s.run(source_ctx))
+        if self._uploader is not None and self._uploader_ctx is not None:
+            uploader, ctx = self._uploader, self._uploader_ctx
+            self._spawn("uploader", lambda: uploader.run(ctx))
+            self._spawn("network watch", self._watch_network)
+            ctx.wake()  # a backlog from the last run goes out at once
+
+    async def _watch_network(self) -> None:
+        from edgeagent.connectivity import NetworkWatch
+
+        await NetworkWatch().run(self._wake)
+
+    def _spawn(self, name: str, run: Callable[[], Awaitable[None]]) -> None:
+        self._tasks.append(asyncio.create_task(self._supervise(name, run), name=name))
+
+    async def _supervise(self, name: str, run: Callable[[], Awaitable[None]]) -> None:
+        """Run a component forever: a crash is logged, shown in status and
+        followed by a restart with backoff — bad input never stops the agent."""
+        delay = _RESTART_MIN
+        while True:
+            started = time.monotonic()
+            try:
+                await run()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                self._errors[name] = f"{type(e).__name__}: {e}"
+                log.exception("%s failed; restarting in %.0f s", name, delay)
+            if time.monotonic() - started > 10 * _RESTART_MAX:
+                delay = _RESTART_MIN
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _RESTART_MAX)
+
+    async def _stop_components(self) -> None:
+        source_tasks = [t for t in self._tasks if t.get_name().startswith("source ")]
+        for task in source_tasks:
+            task.cancel()
+        await asyncio.gather(*source_tasks, return_exceptions=True)
+        if self._batcher is not None:
+            try:
+                self._batcher.flush()
+            except Exception:
+                log.exception("final flush failed")
+        if self._uploader is not None:
+            try:
+                await asyncio.wait_for(
+                    self._uploader.drain(self.config.upload.shutdown_timeout),
+                    self.config.upload.shutdown_timeout + 1,
+                )
+            except Exception:
+                log.exception("uploader did not drain cleanly; unacknowledged chunks stay in the spool")
+        rest = [t for t in self._tasks if t not in source_tasks]
+        for task in rest:
+            task.cancel()
+        await asyncio.gather(*rest, return_exceptions=True)
+        self._tasks = []
+        self._sources = []
+        self._uploader = None
+        self._uploader_ctx = None
+        self._batcher = None
+
+    async def _apply_reload(self) -> None:
+        path = self.config.source_path
+        try:
+            new = config_mod.load(path)
+        except ConfigError as e:
+            log.error("reload refused, keeping the running config: %s", e)
+            self._errors["config"] = str(e)
+            return
+        if new.state_dir != self.config.state_dir:
+            log.error(
+                "reload: state_dir cannot change while running (restart the agent); keeping %s", self.config.state_dir
+            )
+            new = _with_state_dir(new, self.config.state_dir)
+        log.info("reloading config from %s", path)
+        await self._stop_components()
+        assert self.spool is not None
+        self.spool.max_size = new.spool.max_size
+        self.config = new
+        self._errors.pop("config", None)
+        _configure_logging(new.log_level)
+        self._start_components()
+
+    def _write_status(self, state: str) -> None:
+        if self.spool is None:
+            return
+        status = {
+            "agent": {
+                "state": state,
+                "pid": os.getpid(),
+                "version": __version__,
+                "started": self.started,
+                "device_id": self.config.device_id,
+                "boot_id": self.boot_id,
+                "config": self.config.source_path,
+                "errors": self._errors,
+            },
+            "sources": {s.name: _safe_status(s) for s in self._sources},
+            "uploader": _safe_status(self._uploader) if self._uploader is not None else {"to": "none"},
+        }
+        text = json.dumps(status, sort_keys=True)
+        if text == self._last_status:
+            return
+        try:
+            self.spool.set_status(status)
+            self._last_status = text
+        except Exception:
+            log.exception("writing status failed")
+
+
+def _safe_status(component: Any) -> dict[str, Any]:
+    try:
+        return dict(component.status())
+    except Exception as e:
+        return {"state": "error", "error": f"status() failed: {e}"}
+
+
+def _with_state_dir(config: Config, state_dir: Path) -> Config:
+    import dataclasses
+
+    return dataclasses.replace(config, state_dir=state_dir)
+
+
+def _configure_logging(level: str) -> None:
+    logging.getLogger().setLevel(level.upper())
+
+
+def run(config: Config) -> int:
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return asyncio.run(Agent(config).run())

@@ -1,0 +1,425 @@
+"""Configuration: the TOML file parsed once into frozen, validated objects.
+
+Every section is a frozen dataclass; a field's `metadata["kind"]` says how its
+TOML value is checked and converted (duration, size, choice, ...). Unknown keys
+are errors with a did-you-mean. Every error names the file, the line where it
+can be found, the dotted key, the bad value and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import socket
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgeagent.records import SYSLOG_LEVEL_NAMES
+
+DEFAULT_CONFIG_PATH = Path("/etc/edgeagent/edgeagent.toml")
+DEFAULT_STATE_DIR = Path("/var/lib/edgeagent")
+
+
+class ConfigError(Exception):
+    """A configuration problem, worded for the person who wrote the file."""
+
+
+# --- value kinds ----------------------------------------------------------------
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB|k|K|M|G)?\s*$")
+_SIZE_UNITS = {
+    None: 1,
+    "B": 1,
+    "KB": 1000,
+    "MB": 1000**2,
+    "GB": 1000**3,
+    "k": 1024,
+    "K": 1024,
+    "KiB": 1024,
+    "M": 1024**2,
+    "MiB": 1024**2,
+    "G": 1024**3,
+    "GiB": 1024**3,
+}
+
+
+def parse_duration(value: Any) -> float:
+    """'500ms', '5s', '2m', '1h', '1d' -> seconds. A bare number is seconds."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION_RE.match(value)
+        if m:
+            return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    raise ValueError('a duration like "500ms", "5s", "2m", "1h"')
+
+
+def parse_size(value: Any) -> int:
+    """'64MiB', '512KiB', '1GB', 4096 -> bytes."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m:
+            return int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
+    raise ValueError('a size like "64MiB", "512KiB", "1GB" or a number of bytes')
+
+
+def parse_priority(value: Any) -> int:
+    """A syslog level name ('warning') or number 0-7."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 7:
+        return value
+    if isinstance(value, str):
+        if value.strip().isdigit() and 0 <= int(value) <= 7:
+            return int(value)
+        level = SYSLOG_LEVEL_NAMES.get(value.strip().lower())
+        if level is not None:
+            return level
+    names = ", ".join(sorted(set(SYSLOG_LEVEL_NAMES) - {"error", "warn"}, key=SYSLOG_LEVEL_NAMES.get))
+    raise ValueError(f"a priority name ({names}) or a number 0-7")
+
+
+def _choice(*choices: str) -> dict[str, Any]:
+    return {"kind": "choice", "choices": choices}
+
+
+DURATION = {"kind": "duration"}
+SIZE = {"kind": "size"}
+PRIORITY = {"kind": "priority"}
+REGEX = {"kind": "regex"}
+
+
+# --- sections -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KmsgConfig:
+    enabled: bool = True
+    min_priority: int = field(default=6, metadata=PRIORITY)  # info
+    path: str = "/dev/kmsg"
+    pstore: bool = True
+    pstore_dir: str = "/sys/fs/pstore"
+    pstore_clear: bool = False
+
+
+@dataclass(frozen=True)
+class FilesConfig:
+    include: tuple[str, ...]
+    exclude: tuple[str, ...] = ()
+    start_at: str = field(default="end", metadata=_choice("beginning", "end"))
+    attributes: dict[str, str] = field(default_factory=dict)
+    path_attributes: str = field(default="", metadata=REGEX)  # regex with named groups, or "kubernetes"
+    max_line_size: int = field(default=16 * 1024, metadata=SIZE)
+    multiline_start: str = field(default="", metadata=REGEX)
+    encoding: str = "utf-8"
+    partial_line_timeout: float = field(default=5.0, metadata=DURATION)
+    rescan_interval: float = field(default=10.0, metadata=DURATION)
+
+
+@dataclass(frozen=True)
+class SpoolConfig:
+    max_size: int = field(default=64 * 1024**2, metadata=SIZE)
+    durability: str = field(default="full", metadata=_choice("full", "normal"))
+    journal: str = field(default="auto", metadata=_choice("auto", "wal", "exclusive", "rollback"))
+    flush_interval: float = field(default=1.0, metadata=DURATION)
+    chunk_max_records: int = 20000
+    chunk_max_bytes: int = field(default=2 * 1024**2, metadata=SIZE)
+    dead_letters_max: int = field(default=4 * 1024**2, metadata=SIZE)
+
+
+@dataclass(frozen=True)
+class UploadConfig:
+    to: str = field(default="mqtt", metadata=_choice("mqtt", "otlp_http", "none"))
+    window: int = 8
+    max_rate: int = field(default=0, metadata=SIZE)  # bytes per second; 0 = unlimited
+    retry_initial: float = field(default=1.0, metadata=DURATION)
+    retry_max: float = field(default=300.0, metadata=DURATION)
+    shutdown_timeout: float = field(default=5.0, metadata=DURATION)
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    url: str = "mqtt://127.0.0.1:1883"
+    topic: str = "edgeagent/{device_id}/logs"
+    status_topic: str = "edgeagent/{device_id}/status"
+    client_id: str = ""  # default: device_id
+    username: str = ""
+    password: str = ""
+    password_file: str = ""
+    protocol: str = field(default="5", metadata=_choice("5", "3.1.1"))
+    keepalive: float = field(default=60.0, metadata=DURATION)
+    connect_timeout: float = field(default=10.0, metadata=DURATION)
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    tls_insecure: bool = False
+
+
+@dataclass(frozen=True)
+class OtlpHttpConfig:
+    endpoint: str = "http://127.0.0.1:4318/v1/logs"
+    compression: str = field(default="zstd", metadata=_choice("zstd", "gzip", "none"))
+    headers: dict[str, str] = field(default_factory=dict)
+    timeout: float = field(default=30.0, metadata=DURATION)
+    connect_timeout: float = field(default=10.0, metadata=DURATION)
+    max_request_size: int = field(default=4 * 1024**2, metadata=SIZE)
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    tls_insecure: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    device_id: str = ""
+    state_dir: Path = DEFAULT_STATE_DIR
+    log_level: str = field(default="info", metadata=_choice("debug", "info", "warning", "error"))
+    resource: dict[str, str] = field(default_factory=dict)
+    kmsg: KmsgConfig = field(default_factory=KmsgConfig)
+    files: tuple[FilesConfig, ...] = ()
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
+    upload: UploadConfig = field(default_factory=UploadConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    otlp_http: OtlpHttpConfig = field(default_factory=OtlpHttpConfig)
+    source_path: str = field(default="", metadata={"internal": True})
+
+    @property
+    def spool_path(self) -> Path:
+        return self.state_dir / "spool.db"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The effective configuration, as TOML-ready plain data."""
+        return _to_plain(self)
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {
+            f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj) if not f.metadata.get("internal")
+        }
+    if isinstance(obj, tuple):
+        return [_to_plain(x) for x in obj]
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+# --- loading --------------------------------------------------------------------
+
+
+def default_config_path() -> Path:
+    env = os.environ.get("EDGEAGENT_CONFIG")
+    return Path(env) if env else DEFAULT_CONFIG_PATH
+
+
+def default_device_id() -> str:
+    try:
+        machine_id = Path("/etc/machine-id").read_text().strip()
+        if machine_id:
+            return machine_id
+    except OSError:
+        pass
+    return socket.gethostname()
+
+
+def load(path: Path | str, overlay: dict[str, Any] | None = None) -> Config:
+    """Read, validate and convert the config file at `path`.
+
+    `overlay` (for example fleet config pushed over MQTT) is merged over the
+    file's tables before validation.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file (set -c FILE or $EDGEAGENT_CONFIG)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read config file: {e}") from None
+    return loads(text, str(path), overlay, base_dir=path.parent)
+
+
+def loads(
+    text: str, source: str = "<config>", overlay: dict[str, Any] | None = None, base_dir: Path | None = None
+) -> Config:
+    """Parse config text. Relative paths (state_dir, files globs) are taken
+    relative to `base_dir`, the config file's directory."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: invalid TOML: {e}") from None
+    if overlay:
+        data = _merge(data, overlay)
+    loader = _Loader(source, text)
+    config: Config = loader.section(Config, data, "")
+    if not config.device_id:
+        config = dataclasses.replace(config, device_id=default_device_id())
+    config = dataclasses.replace(config, source_path=source)
+    if base_dir is not None:
+        config = _resolve_paths(config, base_dir.resolve())
+    _check_cross_fields(config, loader)
+    return config
+
+
+def _resolve_paths(config: Config, base: Path) -> Config:
+    def absolute(pattern: str) -> str:
+        return pattern if pattern.startswith("/") else os.path.normpath(base / pattern)
+
+    files = tuple(
+        dataclasses.replace(f, include=tuple(map(absolute, f.include)), exclude=tuple(map(absolute, f.exclude)))
+        for f in config.files
+    )
+    return dataclasses.replace(config, state_dir=Path(absolute(str(config.state_dir))), files=files)
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _check_cross_fields(config: Config, loader: _Loader) -> None:
+    if config.upload.window < 1:
+        loader.fail("upload.window", config.upload.window, "a whole number of chunks, at least 1")
+    if config.spool.chunk_max_records < 1:
+        loader.fail("spool.chunk_max_records", config.spool.chunk_max_records, "at least 1")
+    if config.spool.max_size < 1024 * 1024:
+        loader.fail("spool.max_size", config.spool.max_size, "at least 1MiB")
+    url = config.mqtt.url
+    if config.upload.to == "mqtt" and not re.match(r"^mqtts?://[^/:]+(:\d+)?/?$", url):
+        loader.fail("mqtt.url", url, "mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
+    if config.upload.to == "otlp_http" and not re.match(r"^https?://", config.otlp_http.endpoint):
+        loader.fail("otlp_http.endpoint", config.otlp_http.endpoint, "an http:// or https:// URL")
+    for i, files in enumerate(config.files):
+        if not files.include:
+            loader.fail(f"files[{i}].include", [], "at least one glob pattern")
+        for pattern in files.include:
+            if not pattern.startswith("/"):
+                loader.fail(f"files[{i}].include", pattern, "absolute path patterns")
+
+
+class _Loader:
+    def __init__(self, source: str, text: str) -> None:
+        self.source = source
+        self.lines = text.splitlines()
+
+    def fail(self, key: str, value: Any, expected: str) -> typing.NoReturn:
+        where = self._line_of(key)
+        at = f":{where}" if where else ""
+        raise ConfigError(f"{self.source}{at}: {key} = {value!r}: expected {expected}")
+
+    def _line_of(self, dotted: str) -> int | None:
+        """Best-effort line number of a key: the first `name =` after its table header."""
+        name = re.sub(r"\[\d+\]", "", dotted).split(".")
+        leaf = name[-1]
+        tables = ".".join(name[:-1])
+        in_table = not tables
+        for number, line in enumerate(self.lines, 1):
+            stripped = line.strip()
+            header = re.match(r"^\[\[?\s*([^\]]+?)\s*\]\]?", stripped)
+            if header:
+                in_table = header.group(1) == tables
+                continue
+            if in_table and re.match(rf'^"?{re.escape(leaf)}"?\s*=', stripped):
+                return number
+        return None
+
+    def section(self, cls: type, data: Any, prefix: str) -> Any:
+        if not isinstance(data, dict):
+            self.fail(prefix.rstrip("."), data, "a table")
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+        for key in data:
+            if key not in fields:
+                close = difflib.get_close_matches(key, fields, n=1, cutoff=0.6)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                known = ", ".join(fields)
+                where = self._line_of(prefix + key)
+                at = f":{where}" if where else ""
+                raise ConfigError(f"{self.source}{at}: unknown key {prefix + key!r}{hint}; known keys here: {known}")
+        values = {}
+        for name, f in fields.items():
+            if name in data:
+                values[name] = self.value(hints[name], f.metadata, data[name], prefix + name)
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                self.fail(prefix + name, None, "this required key to be set")
+        return cls(**values)
+
+    def value(self, hint: Any, meta: Any, raw: Any, key: str) -> Any:
+        kind = meta.get("kind")
+        try:
+            if kind == "duration":
+                return parse_duration(raw)
+            if kind == "size":
+                return parse_size(raw)
+            if kind == "priority":
+                return parse_priority(raw)
+            if kind == "choice":
+                if raw not in meta["choices"]:
+                    close = difflib.get_close_matches(str(raw), meta["choices"], n=1)
+                    hint_text = f" (did you mean {close[0]!r}?)" if close else ""
+                    raise ValueError(" or ".join(repr(c) for c in meta["choices"]) + hint_text)
+                return raw
+            if kind == "regex":
+                if not isinstance(raw, str):
+                    raise ValueError("a regular expression string")
+                if raw and raw != "kubernetes":
+                    try:
+                        re.compile(raw)
+                    except re.error as e:
+                        raise ValueError(f"a valid regular expression ({e})") from None
+                return raw
+        except ValueError as e:
+            self.fail(key, raw, str(e))
+        if dataclasses.is_dataclass(hint):
+            return self.section(hint, raw, key + ".")
+        origin = typing.get_origin(hint)
+        if origin is tuple:
+            item = typing.get_args(hint)[0]
+            if isinstance(raw, str) and item is str:
+                raw = [raw]
+            if not isinstance(raw, list):
+                self.fail(key, raw, "a list")
+            return tuple(self.value(item, {}, x, f"{key}[{i}]") for i, x in enumerate(raw))
+        if origin is dict:
+            if not isinstance(raw, dict):
+                self.fail(key, raw, "a table of strings")
+            return {str(k): self.value(str, {}, v, f"{key}.{k}") for k, v in raw.items()}
+        if hint is Path:
+            if not isinstance(raw, str) or not raw:
+                self.fail(key, raw, "a path")
+            return Path(raw)
+        if hint is bool:
+            if not isinstance(raw, bool):
+                self.fail(key, raw, "true or false")
+            return raw
+        if hint is int:
+            if not isinstance(raw, int) or isinstance(raw, bool):
+                self.fail(key, raw, "a whole number")
+            return raw
+        if hint is float:
+            if not isinstance(raw, (int, float)) or isinstance(raw, bool):
+                self.fail(key, raw, "a number")
+            return float(raw)
+        if hint is str:
+            if isinstance(raw, (int, float)) and not isinstance(raw, bool) and key.endswith("protocol"):
+                raw = str(raw)
+            if not isinstance(raw, str):
+                self.fail(key, raw, "a string")
+            return raw
+        if isinstance(hint, types.UnionType):  # pragma: no cover - no unions in sections yet
+            return raw
+        raise ConfigError(f"{self.source}: internal: no converter for {key} ({hint})")

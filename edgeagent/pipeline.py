@@ -1,0 +1,285 @@
+"""The pipeline between sources, the spool and the uploader.
+
+Concurrency model: one asyncio event loop in the main thread runs everything —
+sources wait on their file descriptors (`loop.add_reader`), the batcher's age
+flush is a loop timer, the uploader drives its network client from the loop,
+signals arrive through `loop.add_signal_handler`. Nothing polls: an idle agent
+sleeps in epoll until a descriptor, a timer or a signal wakes it.
+
+The spool is called synchronously from the loop: its calls are bounded local
+disk I/O (about one synced commit a second while data flows), and one thread
+owning the one SQLite connection rules out a whole class of locking bugs.
+Work that can block on the network for long (a TCP/TLS connect, an HTTP
+request) goes to `asyncio.to_thread` with a timeout; that is the only use of
+threads.
+
+Sources hand `Batch`es to `SourceContext.emit`; the `Batcher` groups them into
+chunks by record count, raw bytes and age, encodes (OTLP protobuf) and
+compresses (one zstd frame) them, and appends each chunk with the positions it
+covers in one spool transaction. The uploader reads chunks back from the spool
+through `UploaderContext`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import zstandard
+
+from edgeagent.clock import Clock, ClockState, monotonic_ns
+from edgeagent.config import Config, SpoolConfig
+from edgeagent.otlp import ChunkEncoder, shift_times
+from edgeagent.records import SEVERITY_WARN, Batch, Record
+from edgeagent.spool import Eviction, NewChunk, Spool, StoredChunk
+
+log = logging.getLogger(__name__)
+
+AGENT_SOURCE = "edgeagent"  # the source name of records the agent writes about itself
+
+
+class Source(Protocol):
+    """A source reads one kind of input and emits batches until cancelled.
+
+    `run` must hand every record it read to `ctx.emit` together with the
+    position after it; cancellation (at shutdown) may arrive at any `await`.
+    `status` returns a small JSON-able dict for `edgeagent status`.
+    """
+
+    name: str
+
+    async def run(self, ctx: SourceContext) -> None: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+
+class Uploader(Protocol):
+    """Drains the spool to a receiver, deleting chunks only on acknowledgement.
+
+    `run` loops until cancelled; `drain(timeout)` is called at shutdown to wait
+    a bounded time for acknowledgements of what is in flight.
+    """
+
+    async def run(self, ctx: UploaderContext) -> None: ...
+
+    async def drain(self, timeout: float) -> None: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+
+class Batcher:
+    """Groups batches into chunks and commits them with their positions."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        encoder: ChunkEncoder,
+        boot_id: str,
+        config: SpoolConfig,
+        clock: Clock | None = None,
+        on_commit: Callable[[], None] | None = None,
+    ) -> None:
+        self.spool = spool
+        self.encoder = encoder
+        self.boot_id = boot_id
+        self.config = config
+        self.clock = clock or Clock()
+        self.on_commit = on_commit
+        self._compressor = zstandard.ZstdCompressor(level=3, write_checksum=True)
+        self._pending: list[Batch] = []
+        self._positions: dict[str, str] = {}
+        self._counters: dict[str, int] = {}
+        self._records = 0
+        self._bytes = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._boot_state: ClockState | None = None
+
+    @property
+    def pending_records(self) -> int:
+        return self._records
+
+    def add(self, batch: Batch) -> None:
+        if batch.position is not None:
+            self._positions[batch.position[0]] = batch.position[1]
+        if batch.records:
+            self._pending.append(batch)
+            self._records += len(batch.records)
+            self._bytes += batch.body_bytes()
+        if self._records >= self.config.chunk_max_records or self._bytes >= self.config.chunk_max_bytes:
+            self.flush()
+        elif self._timer is None and (self._pending or self._positions or self._counters):
+            self._arm_timer()
+
+    def count(self, counters: dict[str, int]) -> None:
+        """Counters persisted with the next commit."""
+        for name, value in counters.items():
+            self._counters[name] = self._counters.get(name, 0) + value
+        if self._timer is None:
+            self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # used outside a loop (tests, tools): the caller flushes
+        self._timer = loop.call_later(self.config.flush_interval, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        try:
+            self.flush()
+        except Exception:
+            log.exception("flushing the batcher failed; will retry")
+            self._arm_timer()
+
+    def flush(self) -> None:
+        """Encode, compress and commit what is pending, in one transaction."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not (self._pending or self._positions or self._counters):
+            return
+        state = self.clock.state()
+        by_boot: dict[str, list[Batch]] = {}
+        for batch in self._pending:
+            by_boot.setdefault(batch.boot_id, []).append(batch)
+        chunks = [self._encode(boot, batches, state) for boot, batches in by_boot.items()]
+        boot = None
+        if self._boot_state is None or (
+            state.synced != self._boot_state.synced or abs(state.offset_ns - self._boot_state.offset_ns) > Clock.JUMP_NS
+        ):
+            boot = (self.boot_id, state.offset_ns, state.synced)
+        evictions = self.spool.append(chunks, self._positions, self._counters, boot)
+        if boot is not None:
+            self._boot_state = state
+        self._pending = []
+        self._positions = {}
+        self._counters = {}
+        self._records = 0
+        self._bytes = 0
+        if evictions:
+            self._report_evictions(evictions, state)
+        if chunks and self.on_commit is not None:
+            self.on_commit()
+
+    def _encode(self, boot_id: str, batches: list[Batch], state: ClockState) -> NewChunk:
+        if boot_id == self.boot_id:
+            offset, synced = state.offset_ns, state.synced
+        else:
+            known = self.spool.boot_offset(boot_id)
+            offset, synced = known if known else (0, False)
+        max_severity = 0
+        records = raw = 0
+        for batch in batches:
+            records += len(batch.records)
+            raw += batch.body_bytes()
+            if batch.records and isinstance(batch.records[0], Record):
+                for r in batch.records:
+                    if isinstance(r, Record) and r.severity > max_severity:
+                        max_severity = r.severity
+        payload = self._compressor.compress(self.encoder.encode(batches, offset, synced))
+        return NewChunk(payload, records, raw, max_severity, boot_id, offset, synced)
+
+    def _report_evictions(self, evictions: list[Eviction], state: ClockState) -> None:
+        records = []
+        for ev in evictions:
+            records.append(
+                Record(
+                    f"edgeagent: spool full, dropped {ev.records} records in {ev.chunks} chunks "
+                    f"({ev.bytes} bytes compressed) to stay under the spool size cap",
+                    SEVERITY_WARN,
+                    "WARN",
+                    {
+                        "edgeagent.loss.reason": "spool_full",
+                        "edgeagent.loss.records": ev.records,
+                        "edgeagent.loss.chunks": ev.chunks,
+                        "edgeagent.loss.oldest_unix_nano": ev.oldest_ns,
+                        "edgeagent.loss.newest_unix_nano": ev.newest_ns,
+                    },
+                )
+            )
+        batch = Batch(AGENT_SOURCE, records, monotonic_ns(), self.boot_id)
+        self.spool.append([self._encode(self.boot_id, [batch], state)])
+
+
+class SourceContext:
+    """What a source may do: read its stored positions, emit batches, count."""
+
+    def __init__(self, batcher: Batcher, spool: Spool, boot_id: str, config: Config) -> None:
+        self._batcher = batcher
+        self._spool = spool
+        self.boot_id = boot_id
+        self.config = config
+
+    def positions(self, prefix: str) -> dict[str, str]:
+        """Stored positions whose key starts with `prefix`, as of the last commit."""
+        return self._spool.positions(prefix)
+
+    def forget_positions(self, keys: list[str]) -> None:
+        """Drop positions of streams that are gone for good (after pending
+        batches are committed, so a replay cannot resurrect them)."""
+        self._batcher.flush()
+        self._spool.delete_positions(keys)
+
+    def boot_offset(self, boot_id: str) -> tuple[int, bool] | None:
+        """The clock offset stored for a (previous) boot, if any."""
+        return self._spool.boot_offset(boot_id)
+
+    async def emit(self, batch: Batch) -> None:
+        """Hand over records and the position after them. Yields to the loop so
+        one busy source cannot starve the others or the uploader."""
+        self._batcher.add(batch)
+        await asyncio.sleep(0)
+
+    def emit_nowait(self, batch: Batch) -> None:
+        self._batcher.add(batch)
+
+    def count(self, counters: dict[str, int]) -> None:
+        """Add to persistent counters (committed with the next chunk)."""
+        self._batcher.count(counters)
+
+
+class UploaderContext:
+    """What an uploader may do: read, ack, reject and split chunks; wait for work."""
+
+    def __init__(self, spool: Spool, config: Config) -> None:
+        self.spool = spool
+        self.config = config
+        self.wake_event = asyncio.Event()
+
+    def wake(self) -> None:
+        """New chunks were stored, the network came up, or someone asked (SIGUSR1)."""
+        self.wake_event.set()
+
+    async def wait_for_work(self, timeout: float | None) -> bool:
+        """Sleep until woken or `timeout` passes; True if woken."""
+        try:
+            await asyncio.wait_for(self.wake_event.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self.wake_event.clear()
+
+    def payload(self, chunk: StoredChunk) -> bytes:
+        """The chunk's wire payload, with wall times corrected if the boot's
+        clock was synced after the chunk was encoded (guarantee 7)."""
+        if chunk.clock_synced:
+            return chunk.payload
+        known = self.spool.boot_offset(chunk.boot_id)
+        if known is None or not known[1]:
+            return chunk.payload
+        delta = known[0] - chunk.clock_offset_ns
+        dctx = zstandard.ZstdDecompressor()
+        fixed = shift_times(dctx.decompress(chunk.payload), delta)
+        payload = zstandard.ZstdCompressor(level=3, write_checksum=True).compress(fixed)
+        self.spool.replace_payload(chunk.id, payload)
+        log.info("chunk %s: wall times corrected by %.3f s after the clock was synced", chunk.chunk_id, delta / 1e9)
+        return payload
+
+
+def now_ns() -> int:
+    return time.time_ns()

@@ -1,0 +1,55 @@
+"""Uploaders: one module per protocol, each a `pipeline.Uploader`.
+
+The shared retry policy lives here: jittered exponential backoff from
+tenacity's wait strategy, driven one attempt at a time by the uploader's own
+loop (tenacity's retry loop would sleep in a way shutdown cannot interrupt).
+"""
+
+from __future__ import annotations
+
+from tenacity import RetryCallState, wait_random_exponential
+
+from edgeagent.config import Config
+from edgeagent.pipeline import Uploader
+
+
+def build_uploader(config: Config) -> Uploader | None:
+    if config.upload.to == "mqtt":
+        from edgeagent.uploaders.mqtt import MqttUploader
+
+        return MqttUploader(config)
+    if config.upload.to == "otlp_http":
+        from edgeagent.uploaders.otlp_http import OtlpHttpUploader
+
+        return OtlpHttpUploader(config)
+    return None
+
+
+class Backoff:
+    """Delays between failed attempts: jittered, exponential, capped.
+
+    `failed()` returns how long to wait before the next attempt; `succeeded()`
+    resets. A receiver's own `retry_after` (HTTP Retry-After, MQTT quota
+    exceeded) is honoured when it asks for longer than the backoff would.
+    """
+
+    def __init__(self, initial: float, maximum: float) -> None:
+        self._wait = wait_random_exponential(multiplier=initial, max=maximum)
+        self._maximum = maximum
+        self._attempt = 0
+
+    @property
+    def failures(self) -> int:
+        return self._attempt
+
+    def failed(self, retry_after: float | None = None) -> float:
+        self._attempt += 1
+        state = RetryCallState(None, None, (), {})
+        state.attempt_number = self._attempt
+        delay = float(self._wait(state))
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, self._maximum))
+        return delay
+
+    def succeeded(self) -> None:
+        self._attempt = 0
