@@ -122,6 +122,8 @@ class FilesConfig:
     encoding: str = "utf-8"
     partial_line_timeout: float = field(default=5.0, metadata=DURATION)
     rescan_interval: float = field(default=10.0, metadata=DURATION)
+    rotate_wait: float = field(default=5.0, metadata=DURATION)  # keep reading a renamed/deleted file this long
+    poll_interval: float = field(default=1.0, metadata=DURATION)  # stat polling where inotify is unavailable
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,7 @@ class MqttConfig:
     protocol: str = field(default="5", metadata=_choice("5", "3.1.1"))
     keepalive: float = field(default=60.0, metadata=DURATION)
     connect_timeout: float = field(default=10.0, metadata=DURATION)
+    ack_timeout: float = field(default=120.0, metadata=DURATION)  # no PUBACK and nothing written: reconnect
     ca_file: str = ""
     cert_file: str = ""
     key_file: str = ""
