@@ -96,6 +96,10 @@ class Batcher:
         self._bytes = 0
         self._timer: asyncio.TimerHandle | None = None
         self._boot_state: ClockState | None = None
+        self._committing = asyncio.Event()  # set while commits succeed; sources wait on it
+        self._committing.set()
+        self._retry_delay = config.flush_interval
+        self.last_error = ""
 
     @property
     def pending_records(self) -> int:
@@ -108,10 +112,21 @@ class Batcher:
             self._pending.append(batch)
             self._records += len(batch.records)
             self._bytes += batch.body_bytes()
+        if self.stalled:
+            return  # the retry timer commits once the spool accepts writes again
         if self._records >= self.config.chunk_max_records or self._bytes >= self.config.chunk_max_bytes:
             self.flush()
         elif self._timer is None and (self._pending or self._positions or self._counters):
             self._arm_timer()
+
+    @property
+    def stalled(self) -> bool:
+        """The last commit failed (disk full, I/O error): pending records are
+        kept, nothing is dropped, and sources should stop reading."""
+        return not self._committing.is_set()
+
+    async def wait_committing(self) -> None:
+        await self._committing.wait()
 
     def count(self, counters: dict[str, int]) -> None:
         """Counters persisted with the next commit."""
@@ -120,20 +135,16 @@ class Batcher:
         if self._timer is None:
             self._arm_timer()
 
-    def _arm_timer(self) -> None:
+    def _arm_timer(self, delay: float | None = None) -> None:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return  # used outside a loop (tests, tools): the caller flushes
-        self._timer = loop.call_later(self.config.flush_interval, self._on_timer)
+        self._timer = loop.call_later(self.config.flush_interval if delay is None else delay, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
-        try:
-            self.flush()
-        except Exception:
-            log.exception("flushing the batcher failed; will retry")
-            self._arm_timer()
+        self.flush()
 
     def flush(self) -> None:
         """Encode, compress and commit what is pending, in one transaction."""
@@ -152,7 +163,23 @@ class Batcher:
             state.synced != self._boot_state.synced or abs(state.offset_ns - self._boot_state.offset_ns) > Clock.JUMP_NS
         ):
             boot = (self.boot_id, state.offset_ns, state.synced)
-        evictions = self.spool.append(chunks, self._positions, self._counters, boot)
+        try:
+            evictions = self.spool.append(chunks, self._positions, self._counters, boot)
+        except Exception as e:
+            # Keep everything pending: the positions were not stored either, so
+            # nothing is lost even if the agent dies before the retry succeeds.
+            if not self.stalled:
+                log.error("committing %d records to the spool failed (%s); retrying, sources paused", self._records, e)
+            self.last_error = f"{type(e).__name__}: {e}"
+            self._committing.clear()
+            self._arm_timer(self._retry_delay)
+            self._retry_delay = min(self._retry_delay * 2, 30.0)
+            return
+        if self.stalled:
+            log.info("spool accepts writes again; sources resume")
+            self._committing.set()
+        self._retry_delay = self.config.flush_interval
+        self.last_error = ""
         if boot is not None:
             self._boot_state = state
         self._pending = []
@@ -202,7 +229,11 @@ class Batcher:
                 )
             )
         batch = Batch(AGENT_SOURCE, records, monotonic_ns(), self.boot_id)
-        self.spool.append([self._encode(self.boot_id, [batch], state)])
+        try:
+            self.spool.append([self._encode(self.boot_id, [batch], state)])
+        except Exception as e:
+            # The counters were committed with the eviction; only the record is missing.
+            log.error("could not store the eviction record: %s", e)
 
 
 class SourceContext:
@@ -232,7 +263,10 @@ class SourceContext:
         """Hand over records and the position after them. Yields to the loop so
         one busy source cannot starve the others or the uploader."""
         self._batcher.add(batch)
-        await asyncio.sleep(0)
+        if self._batcher.stalled:
+            await self._batcher.wait_committing()
+        else:
+            await asyncio.sleep(0)
 
     def emit_nowait(self, batch: Batch) -> None:
         self._batcher.add(batch)

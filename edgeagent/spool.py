@@ -12,12 +12,12 @@ losing one to a power cut only resends a chunk (at-least-once) or shows an
 older status, while saving a flash sync per acknowledgement.
 
 Space (guarantee 4): the spool keeps the payload bytes it holds under
-`max_size` minus room for the WAL and free pages, evicting the least valuable
-chunks first (below WARN before the rest, oldest first) and counting what it
-dropped. Free pages go back to the filesystem by incremental vacuum once they
-exceed `_VACUUM_SLACK`; the WAL is checkpointed by SQLite every 1000 pages,
-truncated to `journal_size_limit` and fully truncated when the agent is idle or
-stops.
+`max_size` — or the room the filesystem has, if less — minus room for the WAL
+and free pages, evicting the least valuable chunks first (below WARN before
+the rest, oldest first) and counting what it dropped. Free pages go back to
+the filesystem by incremental vacuum once they exceed `_VACUUM_SLACK`; SQLite
+checkpoints the WAL every `wal_limit_for(cap)` bytes and truncates it to that
+size; the agent truncates it fully when it stops.
 
 Corruption (guarantee 6): at open, a spool that SQLite cannot read or whose
 quick_check fails is moved aside as `spool.db.corrupt-<time>`, what can still
@@ -99,6 +99,22 @@ def wal_limit_for(max_size: int) -> int:
     """The WAL is checkpointed and truncated near this size: an eighth of the
     cap, between 256KiB and 4MiB."""
     return min(max(max_size // 8, 256 * 1024), 4 * 1024 * 1024)
+
+
+def _disk_room(path: Path) -> int:
+    """Bytes the spool could occupy: its files now plus what the filesystem
+    has free for unprivileged writers, less a small safety margin."""
+    try:
+        st = os.statvfs(path.parent)
+    except OSError:
+        return 1 << 62
+    used = 0
+    for suffix in ("", "-wal"):
+        try:
+            used += os.stat(str(path) + suffix).st_size
+        except OSError:
+            pass
+    return max(used + st.f_bavail * st.f_frsize - 64 * 1024, 0)
 
 
 def _fs_type(path: Path) -> str:
@@ -193,7 +209,7 @@ class Spool:
             if mode == "rollback":
                 conn.execute("PRAGMA journal_mode = TRUNCATE")
             conn.execute(f"PRAGMA synchronous = {'FULL' if durability == 'full' else 'NORMAL'}")
-            wal_limit = wal_limit_for(max_size)
+            wal_limit = wal_limit_for(min(max_size, _disk_room(path)))
             conn.execute(f"PRAGMA journal_size_limit = {wal_limit}")
             conn.execute(f"PRAGMA wal_autocheckpoint = {max(wal_limit // 4096, 16)}")
             conn.execute("PRAGMA foreign_keys = OFF")
@@ -291,6 +307,31 @@ class Spool:
         """
         incoming = sum(len(c.payload) for c in chunks)
         evictions = self._make_room(incoming) if chunks else []
+        try:
+            self._insert(chunks, positions, counters, boot)
+        except sqlite3.OperationalError as e:
+            if "full" not in str(e) or not self._chunk_count:
+                raise
+            # The filesystem filled up before the spool reached its cap: free
+            # room inside the file (its free pages are reused without growing
+            # it) by evicting as if the cap were where the disk is, then retry once.
+            log.error("disk full under %s: evicting to make room", self.path.parent)
+            evictions += self._make_room(incoming, need=max(incoming * 2, self._payload_bytes // 10))
+            # Copy the WAL into the pages the eviction freed and truncate it:
+            # the next commit needs room in the WAL, not inside the database.
+            self.checkpoint()
+            self._insert(chunks, positions, counters, boot)
+        self._payload_bytes += incoming
+        self._chunk_count += len(chunks)
+        return evictions
+
+    def _insert(
+        self,
+        chunks: Sequence[NewChunk],
+        positions: dict[str, str] | None,
+        counters: dict[str, int] | None,
+        boot: tuple[str, int, bool] | None,
+    ) -> None:
         now = time.time_ns()
         with self._write(synced=True) as c:
             if chunks:
@@ -336,21 +377,23 @@ class Spool:
                     "synced = excluded.synced, updated_ns = excluded.updated_ns",
                     (boot[0], boot[1], int(boot[2]), now, now),
                 )
-        self._payload_bytes += incoming
-        self._chunk_count += len(chunks)
-        return evictions
 
     def _budget(self) -> int:
-        """Payload bytes the spool may hold: the cap less room for the WAL, page
-        slack and dead letters."""
-        reserve = wal_limit_for(self.max_size) + _VACUUM_SLACK + min(self.dead_letters_max, self.max_size // 8)
-        return max(self.max_size - reserve, self.max_size // 2)
+        """Payload bytes the spool may hold: the cap — or the room the
+        filesystem has, if that is less — less room for the WAL, free pages
+        and dead letters. Watching the filesystem keeps a spool whose cap is
+        above the free space from ever hitting ENOSPC: a WAL that cannot be
+        checkpointed on a full disk would stop all writes."""
+        cap = min(self.max_size, _disk_room(self.path))
+        reserve = wal_limit_for(cap) + min(_VACUUM_SLACK, cap // 16) + min(self.dead_letters_max, cap // 8)
+        return max(cap - reserve, cap // 2)
 
-    def _make_room(self, incoming: int) -> list[Eviction]:
-        budget = self._budget()
-        if self._payload_bytes + incoming <= budget:
-            return []
-        need = self._payload_bytes + incoming - budget
+    def _make_room(self, incoming: int, need: int = 0) -> list[Eviction]:
+        if not need:
+            budget = self._budget()
+            if self._payload_bytes + incoming <= budget:
+                return []
+            need = self._payload_bytes + incoming - budget
         victims = self._conn.execute(
             "SELECT id, records, length(payload), created_ns, max_severity FROM chunks "
             f"ORDER BY max_severity >= {_WARN}, id",
@@ -500,8 +543,9 @@ class Spool:
         page_size, free = self._conn.execute(
             "SELECT page_size, freelist_count FROM pragma_page_size, pragma_freelist_count"
         ).fetchone()
-        if free * page_size > _VACUUM_SLACK:
-            keep = _VACUUM_SLACK // 2 // page_size
+        slack = min(_VACUUM_SLACK, self.max_size // 16)
+        if free * page_size > slack:
+            keep = slack // 2 // page_size
             self._conn.execute(f"PRAGMA incremental_vacuum({free - keep})").fetchall()
 
     # --- reading ------------------------------------------------------------------
@@ -612,7 +656,7 @@ class _Txn:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is None:
             self._conn.execute("COMMIT")
-        else:
+        elif self._conn.in_transaction:  # SQLite may have rolled back by itself (disk full, I/O error)
             self._conn.execute("ROLLBACK")
 
 
