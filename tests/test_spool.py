@@ -300,3 +300,25 @@ def test_time_correction_at_upload(tmp_path: Path) -> None:
     assert late["observed_time_unix_nano"] == real_offset + 7_000_000_000
     assert "edgeagent.clock" not in late["attributes"]
     assert spool.oldest(1)[0].clock_synced  # corrected once, stored
+
+
+@pytest.mark.parametrize("journal", ["exclusive", "rollback", "wal"])
+def test_every_journal_mode_keeps_the_same_guarantees(tmp_path: Path, journal: str) -> None:
+    spool = Spool.open(tmp_path / "spool.db", journal=journal)
+    assert spool.journal == journal
+    spool.append([chunk(), chunk()], {"kmsg": "b:1"})
+    spool.ack([spool.oldest(1)[0].id])
+    spool.close()
+    again = Spool.open(tmp_path / "spool.db", journal=journal)
+    assert again.chunk_count == 1 and again.positions() == {"kmsg": "b:1"}
+    mode = again._conn.execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode == ("truncate" if journal == "rollback" else "wal")
+
+
+def test_filesystem_type_is_detected(tmp_path: Path) -> None:
+    from edgeagent.spool import _fs_type
+
+    mounts = Path("/proc/self/mounts").read_text().split("\n")
+    root_type = next(line.split()[2] for line in mounts if line.split()[1:2] == ["/"])
+    assert _fs_type(Path("/")) == root_type
+    assert _fs_type(tmp_path) != ""
