@@ -149,6 +149,7 @@ class Spool:
         self.journal = journal
         self.dead_letters_max = dead_letters_max
         self._synchronous = "FULL" if durability == "full" else "NORMAL"
+        self._journal_requested = journal
         self.events: list[str] = []  # what happened at open (quarantine, salvage), for the log
         row = conn.execute("SELECT COALESCE(SUM(length(payload)), 0), COUNT(*) FROM chunks").fetchone()
         self._payload_bytes: int = row[0]
@@ -183,6 +184,7 @@ class Spool:
             events.extend(cls._quarantine_and_salvage(path, str(e), durability, journal, max_size))
             conn, mode = cls._connect(path, durability, journal, max_size)
         spool = cls(conn, path, max_size, durability, mode, dead_letters_max)
+        spool._journal_requested = journal
         spool.events = events
         if events:
             spool.add_counters({"spool_quarantined": 1})
@@ -306,7 +308,13 @@ class Spool:
         to make room (the caller ships a record about it).
         """
         incoming = sum(len(c.payload) for c in chunks)
-        evictions = self._make_room(incoming) if chunks else []
+        try:
+            evictions = self._make_room(incoming) if chunks else []
+        except sqlite3.DatabaseError as e:
+            if isinstance(e, sqlite3.OperationalError):
+                raise
+            self._recover(str(e))
+            evictions = []
         try:
             self._insert(chunks, positions, counters, boot)
         except sqlite3.OperationalError as e:
@@ -321,9 +329,26 @@ class Spool:
             # the next commit needs room in the WAL, not inside the database.
             self.checkpoint()
             self._insert(chunks, positions, counters, boot)
+        except sqlite3.DatabaseError as e:
+            # Malformed pages found while the agent runs (flash errors): the
+            # same treatment as at start-up, then the write goes to the new file.
+            self._recover(str(e))
+            self._insert(chunks, positions, counters, boot)
         self._payload_bytes += incoming
         self._chunk_count += len(chunks)
         return evictions
+
+    def _recover(self, reason: str) -> None:
+        self._conn.close()
+        self.events = self._quarantine_and_salvage(
+            self.path, reason, self.durability, self._journal_requested, self.max_size
+        )
+        self._conn, self.journal = self._connect(self.path, self.durability, self._journal_requested, self.max_size)
+        row = self._conn.execute("SELECT COALESCE(SUM(length(payload)), 0), COUNT(*) FROM chunks").fetchone()
+        self._payload_bytes, self._chunk_count = row
+        for event in self.events:
+            log.error("%s", event)
+        self.add_counters({"spool_quarantined": 1})
 
     def _insert(
         self,
@@ -554,9 +579,14 @@ class Spool:
         """Up to `n` chunks with id > `after_id`, oldest first. The statement is
         finished before returning, so no read transaction stays open while
         the caller works on the network (it would block checkpoints)."""
-        rows = self._conn.execute(
-            f"SELECT {_CHUNK_COLUMNS} FROM chunks WHERE id > ? ORDER BY id LIMIT ?", (after_id, n)
-        ).fetchall()
+        query = f"SELECT {_CHUNK_COLUMNS} FROM chunks WHERE id > ? ORDER BY id LIMIT ?"
+        try:
+            rows = self._conn.execute(query, (after_id, n)).fetchall()
+        except sqlite3.DatabaseError as e:
+            if isinstance(e, sqlite3.OperationalError) or self.journal == "readonly":
+                raise
+            self._recover(str(e))
+            rows = self._conn.execute(query, (after_id, n)).fetchall()
         good = [r for r in rows if zlib.crc32(r[9]) == r[10]]
         if len(good) < len(rows) and self.journal != "readonly":
             self._drop_corrupt([r for r in rows if zlib.crc32(r[9]) != r[10]])

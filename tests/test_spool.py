@@ -322,3 +322,23 @@ def test_filesystem_type_is_detected(tmp_path: Path) -> None:
     root_type = next(line.split()[2] for line in mounts if line.split()[1:2] == ["/"])
     assert _fs_type(Path("/")) == root_type
     assert _fs_type(tmp_path) != ""
+
+
+def test_corruption_found_while_running_is_quarantined_and_writing_goes_on(tmp_path: Path) -> None:
+    path = tmp_path / "spool.db"
+    spool = Spool.open(path)
+    for i in range(30):
+        spool.append([chunk(3000)], {"file:a": str(i)})
+    spool.checkpoint()
+    # Flash errors under a running agent: pages of the chunks table turn to garbage.
+    with open(path, "r+b") as f:
+        f.seek(3 * 4096)
+        f.write(os.urandom(20 * 4096))
+    spool._conn.execute("PRAGMA shrink_memory")  # drop cached pages: the next read comes from the damaged file
+    spool.oldest(100)  # reading notices (or the checksums do), writing goes on
+    spool.append([chunk()], {"file:a": "30"})
+    assert spool.positions()["file:a"] == "30"
+    for c in spool.oldest(100):
+        zstandard.ZstdDecompressor().decompress(c.payload)
+    counters = spool.counters()
+    assert counters.get("spool_quarantined", 0) + counters.get("corrupt_chunks", 0) >= 1
