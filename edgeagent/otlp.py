@@ -95,6 +95,9 @@ class ChunkEncoder:
         self._resource_field = _len_field(b"\x0a", encode_resource(resource))
         self._version = version.encode()
         self._scopes: dict[str, bytes] = {}
+        # Encoded attribute fields of values that repeat record after record
+        # (facility names, levels, flags): most of a kernel record's encoding cost.
+        self._attribute_fields: dict[tuple[str, type, AttrValue], bytes] = {}
 
     def _scope(self, source: str) -> bytes:
         scope = self._scopes.get(source)
@@ -124,13 +127,40 @@ class ChunkEncoder:
                 for record in batch.records:
                     if isinstance(record, bytes):
                         record = Record(record)
-                    parts.append(_len_field(b"\x12", _encode_record(record, common, clock_offset_ns)))
+                    parts.append(_len_field(b"\x12", self._encode_record(record, common, clock_offset_ns)))
         scope_logs = []
         for source, parts in by_source.items():
             body = self._scope(source) + b"".join(parts)
             scope_logs.append(b"\x12" + _v(len(body)) + body)
         resource_logs = self._resource_field + b"".join(scope_logs)
         return b"\x0a" + _v(len(resource_logs)) + resource_logs
+
+    def _encode_record(self, record: Record, common: bytes, clock_offset_ns: int) -> bytes:
+        parts = []
+        if record.time_mono_ns:
+            parts.append(b"\x09" + _pack_q(max(0, record.time_mono_ns + clock_offset_ns)))
+        if record.severity:
+            parts.append(b"\x10" + _v(record.severity))
+        if record.severity_text:
+            parts.append(_len_field(b"\x1a", record.severity_text.encode()))
+        body = record.body if isinstance(record.body, bytes) else record.body.encode("utf-8", "replace")
+        parts.append(_len_field(b"\x2a", _len_field(b"\x0a", body)))
+        parts.append(common)
+        if record.attributes:
+            cache = self._attribute_fields
+            for key, value in record.attributes.items():
+                cacheable = isinstance(value, (str, bool)) or (isinstance(value, int) and -1024 < value < 1024)
+                if not cacheable:
+                    parts.append(_len_field(b"\x32", encode_key_value(key, value)))
+                    continue
+                cache_key = (key, type(value), value)
+                field = cache.get(cache_key)
+                if field is None:
+                    if len(cache) > 4096:
+                        cache.clear()
+                    field = cache[cache_key] = _len_field(b"\x32", encode_key_value(key, value))
+                parts.append(field)
+        return b"".join(parts)
 
 
 def _encode_lines(lines: list[bytes], common: bytes, out: list[bytes]) -> None:
@@ -152,22 +182,6 @@ def _encode_lines(lines: list[bytes], common: bytes, out: list[bytes]) -> None:
             header = headers[n] = b"".join((b"\x12", _v(record_len), common, b"\x2a", _v(any_len), b"\x0a", _v(n)))
         append(header)
         append(line)
-
-
-def _encode_record(record: Record, common: bytes, clock_offset_ns: int) -> bytes:
-    parts = []
-    if record.time_mono_ns:
-        parts.append(b"\x09" + _pack_q(max(0, record.time_mono_ns + clock_offset_ns)))
-    if record.severity:
-        parts.append(b"\x10" + _v(record.severity))
-    if record.severity_text:
-        parts.append(_len_field(b"\x1a", record.severity_text.encode()))
-    body = record.body if isinstance(record.body, bytes) else record.body.encode("utf-8", "replace")
-    parts.append(_len_field(b"\x2a", _len_field(b"\x0a", body)))
-    parts.append(common)
-    if record.attributes:
-        parts.append(encode_attributes(record.attributes, b"\x32"))
-    return b"".join(parts)
 
 
 # --- decoding -----------------------------------------------------------------
