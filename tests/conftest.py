@@ -57,7 +57,10 @@ class Broker:
         conf = self.workdir / "mosquitto.conf"
         conf.write_text(
             f"listener {self.port} {self.host}\n"
-            "allow_anonymous true\n"
+            # As root, mosquitto would switch to its own user and could not
+            # write its log or read ACL and certificate files in pytest's temp dirs.
+            + ("user root\n" if os.geteuid() == 0 else "")
+            + "allow_anonymous true\n"
             "persistence false\n"
             f"log_dest file {self.log}\n"
             "log_type error\nlog_type warning\nlog_type notice\n"
