@@ -280,7 +280,24 @@ def _configure_logging(level: str) -> None:
     logging.getLogger().setLevel(level.upper())
 
 
+def _limit_heap_growth() -> None:
+    """Make glibc give large freed buffers (chunks being encoded) back to the
+    kernel at once. By default it raises its mmap threshold after the first
+    such free and from then on serves them from a heap that stays resident:
+    about 10 MiB of peak RSS under load, measured. Other C libraries (musl on
+    OpenWrt) have no mallopt and already behave this way."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_mmap_threshold = -3
+        libc.mallopt(m_mmap_threshold, 128 * 1024)
+    except (OSError, AttributeError):
+        pass
+
+
 def run(config: Config) -> int:
+    _limit_heap_growth()
     logging.basicConfig(
         level=config.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -1,14 +1,16 @@
 """Spool schema creation and migrations (sqlite-utils).
 
-Imported only when the spool's `user_version` is behind `SCHEMA_VERSION`, so a
-running agent does not carry sqlite-utils (and click, dateutil, pluggy) in RAM.
-Each migration step takes the spool from version N to N+1 inside one
-transaction; a spool written by a newer version is refused by the caller.
+Run as `python -m edgeagent.schema SPOOL_PATH [--exclusive]` by the spool when
+its `user_version` is behind `SCHEMA_VERSION`, in a child process, so a running
+agent never carries sqlite-utils (and click, dateutil, pluggy) in RAM. Each
+migration step takes the spool from version N to N+1 inside one transaction; a
+spool written by a newer version is refused by the caller.
 """
 
 from __future__ import annotations
 
 import sqlite3
+import sys
 
 import sqlite_utils
 
@@ -56,6 +58,9 @@ MIGRATIONS = {0: _v1}
 
 def migrate(conn: sqlite3.Connection, current: int, target: int) -> None:
     db = sqlite_utils.Database(conn)
+    if current == 0 and not db.table_names():
+        # Only takes effect before the first table exists (and before WAL mode writes page 1).
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
     for version in range(current, target):
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -65,3 +70,22 @@ def migrate(conn: sqlite3.Connection, current: int, target: int) -> None:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+
+
+def main(argv: list[str]) -> int:
+    from edgeagent.spool import SCHEMA_VERSION
+
+    conn = sqlite3.connect(argv[0], isolation_level=None, timeout=10.0)
+    try:
+        if "--exclusive" in argv[1:]:
+            conn.execute("PRAGMA locking_mode = EXCLUSIVE")
+        current = conn.execute("PRAGMA user_version").fetchone()[0]
+        if current < SCHEMA_VERSION:
+            migrate(conn, current, SCHEMA_VERSION)
+    finally:
+        conn.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -31,6 +31,8 @@ import json
 import logging
 import os
 import sqlite3
+import subprocess
+import sys
 import time
 import uuid
 import zlib
@@ -192,14 +194,13 @@ class Spool:
 
     @staticmethod
     def _connect(path: Path, durability: str, journal: str, max_size: int) -> tuple[sqlite3.Connection, str]:
+        mode = journal
+        if journal == "auto":
+            mode = "exclusive" if _fs_type(path.parent) in ("jffs2", "cramfs") else "wal"
+        Spool._migrate(path, exclusive=mode == "exclusive")
         conn = sqlite3.connect(path, isolation_level=None, timeout=10.0)
         try:
             conn.execute("PRAGMA busy_timeout = 10000")
-            # Only takes effect on a new, empty file: it must come before WAL mode writes page 1.
-            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
-            mode = journal
-            if journal == "auto":
-                mode = "exclusive" if _fs_type(path.parent) in ("jffs2", "cramfs") else "wal"
             if mode == "exclusive":
                 # No shared-memory file: WAL works where mmap cannot share pages (JFFS2).
                 conn.execute("PRAGMA locking_mode = EXCLUSIVE")
@@ -218,15 +219,24 @@ class Spool:
             # chunk would be overwritten with zeros, a second flash write of
             # everything uploaded. Log lines are not secrets the spool must shred.
             conn.execute("PRAGMA secure_delete = OFF")
-            Spool._migrate(conn, path)
         except BaseException:
             conn.close()
             raise
         return conn, mode
 
     @staticmethod
-    def _migrate(conn: sqlite3.Connection, path: Path) -> None:
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
+    def _migrate(path: Path, exclusive: bool) -> None:
+        """Bring the schema to `SCHEMA_VERSION`, or refuse a newer one.
+
+        Schema work (sqlite-utils) runs in a short-lived child process: the
+        agent itself never imports sqlite-utils and its dependencies (click,
+        dateutil, pluggy: 4 MiB of RSS kept for the life of the daemon).
+        """
+        probe = sqlite3.connect(path, isolation_level=None, timeout=10.0)
+        try:
+            version = probe.execute("PRAGMA user_version").fetchone()[0]
+        finally:
+            probe.close()
         if version > SCHEMA_VERSION:
             raise SpoolError(
                 f"{path} was written by a newer edgeagent (spool schema {version}, this version reads up to "
@@ -234,9 +244,13 @@ class Spool:
             )
         if version == SCHEMA_VERSION:
             return
-        from edgeagent import schema  # imported only when there is work to do: sqlite-utils is heavy
-
-        schema.migrate(conn, version, SCHEMA_VERSION)
+        command = [sys.executable, "-m", "edgeagent.schema", str(path)] + (["--exclusive"] if exclusive else [])
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            detail = done.stderr.strip().splitlines()[-1:] or ["no output"]
+            if "malformed" in detail[0] or "not a database" in detail[0]:
+                raise sqlite3.DatabaseError(detail[0])
+            raise SpoolError(f"creating or migrating the spool schema of {path} failed: {detail[0]}")
 
     @staticmethod
     def _check(conn: sqlite3.Connection) -> None:
