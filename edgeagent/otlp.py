@@ -128,12 +128,19 @@ class ChunkEncoder:
                     if isinstance(record, bytes):
                         record = Record(record)
                     parts.append(_len_field(b"\x12", self._encode_record(record, common, clock_offset_ns)))
-        scope_logs = []
+        # One join at the end: the chunk's bytes are copied once, not once per
+        # level of nesting. Lengths are summed from the parts instead.
+        out = [b"\x0a", b"", self._resource_field]
+        total = len(self._resource_field)
         for source, parts in by_source.items():
-            body = self._scope(source) + b"".join(parts)
-            scope_logs.append(b"\x12" + _v(len(body)) + body)
-        resource_logs = self._resource_field + b"".join(scope_logs)
-        return b"\x0a" + _v(len(resource_logs)) + resource_logs
+            scope = self._scope(source)
+            scope_logs_len = len(scope) + sum(map(len, parts))
+            head = b"\x12" + _v(scope_logs_len)
+            out += (head, scope)
+            out += parts
+            total += len(head) + scope_logs_len
+        out[1] = _v(total)
+        return b"".join(out)
 
     def _encode_record(self, record: Record, common: bytes, clock_offset_ns: int) -> bytes:
         parts = []
@@ -167,21 +174,21 @@ def _encode_lines(lines: list[bytes], common: bytes, out: list[bytes]) -> None:
     """The bulk path: records differing only by their body text.
 
     Every line of the same length shares one header (record tag and length,
-    the common fields, the body tags), so the per-line work is one dict lookup.
+    the common fields, the body tags). Headers are looked up and interleaved
+    with the lines by C-level map and slice assignment: no Python bytecode
+    runs per line.
     """
-    headers: dict[int, bytes] = {}
-    get = headers.get
-    append = out.append
+    lengths = list(map(len, lines))
     common_len = len(common)
-    for line in lines:
-        n = len(line)
-        header = get(n)
-        if header is None:
-            any_len = 1 + len(_v(n)) + n
-            record_len = common_len + 1 + len(_v(any_len)) + any_len
-            header = headers[n] = b"".join((b"\x12", _v(record_len), common, b"\x2a", _v(any_len), b"\x0a", _v(n)))
-        append(header)
-        append(line)
+    headers: dict[int, bytes] = {}
+    for n in set(lengths):
+        any_len = 1 + len(_v(n)) + n
+        record_len = common_len + 1 + len(_v(any_len)) + any_len
+        headers[n] = b"".join((b"\x12", _v(record_len), common, b"\x2a", _v(any_len), b"\x0a", _v(n)))
+    pairs: list[bytes] = [b""] * (2 * len(lines))
+    pairs[0::2] = map(headers.__getitem__, lengths)  # type: ignore[call-overload]
+    pairs[1::2] = lines
+    out += pairs
 
 
 # --- decoding -----------------------------------------------------------------
