@@ -25,7 +25,8 @@ from edgeagent import __version__, clock
 from edgeagent import config as config_mod
 from edgeagent.config import Config, ConfigError
 from edgeagent.otlp import ChunkEncoder
-from edgeagent.pipeline import Batcher, Source, SourceContext, Uploader, UploaderContext
+from edgeagent.pipeline import AGENT_SOURCE, Batcher, Source, SourceContext, Uploader, UploaderContext
+from edgeagent.records import Batch, Record
 from edgeagent.spool import Spool
 
 log = logging.getLogger("edgeagent")
@@ -67,6 +68,17 @@ def resource_attributes(config: Config) -> dict[str, Any]:
     attrs["host.arch"] = _ARCH.get(machine, machine)
     attrs.update(config.resource)
     return attrs
+
+
+def build_components(config: Config) -> tuple[list[Source], Uploader | None]:
+    """Sources and uploader for `config`. Constructors only check and prepare
+    (no I/O that changes anything), so this also validates a config fully:
+    raises ConfigError for what the TOML checks cannot see (TLS files, regexes
+    that compile but cannot be used)."""
+    from edgeagent.sources import build_sources
+    from edgeagent.uploaders import build_uploader
+
+    return build_sources(config), build_uploader(config)
 
 
 class Agent:
@@ -113,7 +125,7 @@ class Agent:
             self.boot_id,
         )
         try:
-            self._start_components()
+            self._start_components(build_components(self.config))
             self._write_status("running")
             while not self._stop.is_set():
                 stop_wait = asyncio.ensure_future(self._stop.wait())
@@ -137,20 +149,16 @@ class Agent:
         if self._uploader_ctx is not None:
             self._uploader_ctx.wake()
 
-    def _start_components(self) -> None:
-        from edgeagent.sources import build_sources
-        from edgeagent.uploaders import build_uploader
-
+    def _start_components(self, components: tuple[list[Source], Uploader | None]) -> None:
         assert self.spool is not None
         config = self.config
         encoder = ChunkEncoder(resource_attributes(config), __version__)
-        self._uploader = build_uploader(config)
+        self._sources, self._uploader = components
         if self._uploader is not None:
-            self._uploader_ctx = UploaderContext(self.spool, config)
+            self._uploader_ctx = UploaderContext(self.spool, config, on_loss=self._ship_loss)
         on_commit = self._uploader_ctx.wake if self._uploader_ctx is not None else None
         self._batcher = Batcher(self.spool, encoder, self.boot_id, config.spool, on_commit=on_commit)
         source_ctx = SourceContext(self._batcher, self.spool, self.boot_id, config)
-        self._sources = build_sources(config)
         for source in self._sources:
             self._spawn(f"source {source.name}", lambda s=source: s.run(source_ctx))
         if self._uploader is not None and self._uploader_ctx is not None:
@@ -158,6 +166,10 @@ class Agent:
             self._spawn("uploader", lambda: uploader.run(ctx))
             self._spawn("network watch", self._watch_network)
             ctx.wake()  # a backlog from the last run goes out at once
+
+    def _ship_loss(self, record: Record) -> None:
+        if self._batcher is not None:
+            self._batcher.add(Batch(AGENT_SOURCE, [record], clock.monotonic_ns(), self.boot_id))
 
     async def _watch_network(self) -> None:
         from edgeagent.connectivity import NetworkWatch
@@ -227,6 +239,14 @@ class Agent:
                 "reload: state_dir cannot change while running (restart the agent); keeping %s", self.config.state_dir
             )
             new = _with_state_dir(new, self.config.state_dir)
+        try:
+            # Built before the running ones stop: a config that parses but
+            # cannot be used (an unreadable CA file) is refused as a whole.
+            components = build_components(new)
+        except ConfigError as e:
+            log.error("reload refused, keeping the running config: %s", e)
+            self._errors["config"] = str(e)
+            return
         log.info("reloading config from %s", path)
         await self._stop_components()
         assert self.spool is not None
@@ -234,7 +254,7 @@ class Agent:
         self.config = new
         self._errors.pop("config", None)
         _configure_logging(new.log_level)
-        self._start_components()
+        self._start_components(components)
 
     def _write_status(self, state: str) -> None:
         if self.spool is None:

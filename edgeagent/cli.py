@@ -100,18 +100,28 @@ def _load_config(args: argparse.Namespace) -> Any:
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load_config(args)
     from edgeagent import agent
+    from edgeagent.config import ConfigError
     from edgeagent.spool import SpoolError
 
     try:
         return agent.run(cfg)
     except SpoolError as e:
         raise CliError(str(e)) from None
+    except ConfigError as e:
+        raise CliError(str(e), EXIT_CONFIG) from None
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     import tomli_w
 
     cfg = _load_config(args)
+    from edgeagent.agent import build_components
+    from edgeagent.config import ConfigError
+
+    try:
+        build_components(cfg)  # what TOML cannot check: TLS files, header values, path patterns
+    except ConfigError as e:
+        raise CliError(str(e), EXIT_CONFIG) from None
     print(f"# {cfg.source_path}: valid", file=sys.stderr)
     sys.stdout.write(tomli_w.dumps(cfg.to_dict()))
     return 0

@@ -279,10 +279,43 @@ class SourceContext:
 class UploaderContext:
     """What an uploader may do: read, ack, reject and split chunks; wait for work."""
 
-    def __init__(self, spool: Spool, config: Config) -> None:
+    def __init__(self, spool: Spool, config: Config, on_loss: Callable[[Record], None] | None = None) -> None:
         self.spool = spool
         self.config = config
         self.wake_event = asyncio.Event()
+        self._on_loss = on_loss
+
+    def reject(self, ids: list[int], reason: str) -> int:
+        """Move chunks the receiver refused for good to dead letters, and ship
+        a record saying so (guarantee 5). Returns how many chunks moved."""
+        records = self.spool.count_records(ids)
+        moved = self.spool.reject(ids, reason)
+        if moved:
+            self._report_loss("rejected", records, moved, reason)
+        return moved
+
+    def report_rejected(self, records: int, reason: str) -> None:
+        """The receiver accepted a request but dropped `records` of it (OTLP
+        partial success): count it and ship a record saying so."""
+        self.spool.add_counters({"rejected_records": records})
+        self._report_loss("partially_rejected", records, 0, reason)
+
+    def _report_loss(self, kind: str, records: int, chunks: int, reason: str) -> None:
+        if self._on_loss is None:
+            return
+        self._on_loss(
+            Record(
+                f"edgeagent: the receiver refused {records} records for good ({reason})",
+                SEVERITY_WARN,
+                "WARN",
+                {
+                    "edgeagent.loss.reason": kind,
+                    "edgeagent.loss.records": records,
+                    "edgeagent.loss.chunks": chunks,
+                    "edgeagent.loss.detail": reason[:500],
+                },
+            )
+        )
 
     def wake(self) -> None:
         """New chunks were stored, the network came up, or someone asked (SIGUSR1)."""

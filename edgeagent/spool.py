@@ -645,6 +645,10 @@ class Spool:
             ).fetchall()
         return rows
 
+    def count_records(self, ids: Sequence[int]) -> int:
+        """Records held by the chunks `ids` (those still in the spool)."""
+        return sum(r[0] for r in self._select_ids("records", "chunks", list(ids)))
+
     def counters(self) -> dict[str, int]:
         return dict(self._conn.execute("SELECT name, value FROM counters").fetchall())
 

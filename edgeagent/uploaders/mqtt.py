@@ -595,7 +595,7 @@ class MqttUploader:
 
     def _dead_letter(self, chunk: StoredChunk, reason: str) -> None:
         assert self._ctx is not None
-        self._ctx.spool.reject([chunk.id], reason)
+        self._ctx.reject([chunk.id], reason)
         self.counters.dead_letters += 1
         self._set_error(f"dead letter: {reason}")
 

@@ -1,0 +1,780 @@
+"""The OTLP/HTTP uploader: POSTs spooled chunks to an OpenTelemetry collector.
+
+Owns everything between the spool and an OTLP/HTTP logs endpoint: choosing the
+oldest chunks, coalescing small ones into one request, compressing per
+`[otlp_http].compression`, the HTTP exchange itself, and what each answer means
+for the chunks (ack, retry, split, dead letter). A chunk leaves the spool only
+on a 2xx (guarantee 2); records a 2xx reports as rejected (OTLP partial
+success) are counted and logged as loss (guarantee 5).
+
+The HTTP/1.1 client is a minimal one on asyncio streams rather than
+`http.client` in `asyncio.to_thread`, because:
+- cancellation works: `drain(timeout)` and SIGTERM interrupt a request at any
+  `await`, whereas a thread blocked in `http.client` cannot be stopped and
+  `asyncio.run` waits for it at exit;
+- timeouts follow progress: the body is written in pieces, each with its own
+  write timeout, so a big request over a slow link is not cut off the way a
+  single `sendall` with a socket timeout would be (its timeout covers the whole
+  call), and `[upload].max_rate` can pace the same pieces;
+- no thread, no extra stack, nothing the one-loop concurrency model has to
+  make an exception for. The client needs only what an OTLP exchange uses: one
+  POST with a known length; responses with Content-Length, chunked or
+  close-delimited bodies; 1xx interim answers; keep-alive.
+
+One request is in flight at a time, in spool order (the window of
+`[upload].window` is not used): coalescing makes requests large enough that a
+single stream saturates a metered link, and it keeps the order of delivery the
+order of the spool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import gzip
+import json
+import logging
+import re
+import ssl
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC
+from typing import Any
+from urllib.parse import urlsplit
+
+import zstandard
+
+from edgeagent import __version__
+from edgeagent.config import Config, ConfigError
+from edgeagent.otlp import DecodeError, iter_fields, split_request
+from edgeagent.pipeline import UploaderContext
+from edgeagent.spool import StoredChunk
+from edgeagent.uploaders import Backoff
+
+log = logging.getLogger(__name__)
+
+CHUNK_ID_HEADER = "X-Edgeagent-Chunk-Id"
+
+# Requests are topped up with further chunks until they hold this much
+# uncompressed protobuf: enough to amortise a round trip on a slow link, small
+# enough that a zstd request of several chunks is cheap to recompress.
+_COALESCE_TARGET = 1024 * 1024
+# Bounds the chunk-id header (33 bytes an id) well under common proxy limits (8 KiB).
+_MAX_COALESCE_CHUNKS = 64
+_WRITE_PIECE = 64 * 1024
+# A keep-alive connection unused this long is closed: NAT boxes on cellular links
+# drop idle flows silently, and a request on such a flow only fails after `timeout`.
+_IDLE_CLOSE = 30.0
+_RESPONSE_KEEP = 64 * 1024  # bytes of a response body kept (for partial success and error text)
+_RESPONSE_MAX_LINES = 100
+_EXCERPT = 300
+# OTLP/HTTP retryable answers, plus 408 (the server gave up waiting for our request: transient).
+_RETRYABLE = frozenset({408, 429, 502, 503, 504})
+_RESERVED_HEADERS = frozenset(
+    {"host", "content-length", "content-type", "content-encoding", "transfer-encoding", "connection"}
+    | {CHUNK_ID_HEADER.lower()}
+)
+_TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+
+
+class _ProtocolError(Exception):
+    """The endpoint's answer is not HTTP/1.x as we understand it."""
+
+
+class _CorruptChunk(Exception):
+    def __init__(self, chunk: StoredChunk, error: Exception) -> None:
+        super().__init__(str(error))
+        self.chunk = chunk
+        self.error = error
+
+
+@contextlib.contextmanager
+def _corrupt_as(chunk: StoredChunk) -> Iterator[None]:
+    """Decoding errors inside the block are `chunk`'s damage."""
+    try:
+        yield
+    except (zstandard.ZstdError, DecodeError) as e:
+        raise _CorruptChunk(chunk, e) from e
+
+
+@dataclass(slots=True)
+class _Request:
+    chunks: list[StoredChunk]
+    body: bytes
+    raw_size: int  # uncompressed ExportLogsServiceRequest bytes
+    records: int
+
+
+@dataclass(slots=True)
+class _Response:
+    status: int
+    reason: str
+    headers: dict[str, str]  # lower-case names
+    body: bytes
+
+
+class _Connection:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.requests = 0
+        self.reusable = True
+        self.response_started = False
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class OtlpHttpUploader:
+    """See the module docstring. Built from `[otlp_http]` and `[upload]`."""
+
+    def __init__(self, config: Config) -> None:
+        self._cfg = config.otlp_http
+        self._source = config.source_path or "<config>"
+        self._endpoint = self._cfg.endpoint
+        self._scheme, self._host, self._port, self._path, self._host_header = self._parse_endpoint()
+        self._ssl = self._ssl_context() if self._scheme == "https" else None
+        self._static_head = self._build_static_head(config)
+        self._compression = self._cfg.compression
+        self._learned_limit = self._cfg.max_request_size  # lowered by 413 answers
+        self._rate = config.upload.max_rate
+        self._backoff = Backoff(config.upload.retry_initial, config.upload.retry_max)
+        self._cctx = zstandard.ZstdCompressor(level=3, write_checksum=True)
+        self._dctx = zstandard.ZstdDecompressor()
+        self._conn: _Connection | None = None
+        self._ctx: UploaderContext | None = None
+        self._stopping = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._pace_at = 0.0
+        self._state = "idle"
+        self._reachable: bool | None = None
+        self._since: float | None = None
+        self._last_error: str | None = None
+        self._last_error_at: float | None = None
+        self._last_status: int | None = None
+        self._last_success_at: float | None = None
+        self._retry_delay: float | None = None
+        self._retry_after: float | None = None
+        self._next_attempt_at: float | None = None
+        self._counters = {
+            "requests": 0,
+            "sent_chunks": 0,
+            "sent_bytes": 0,
+            "acked_chunks": 0,
+            "acked_records": 0,
+            "failed_requests": 0,
+            "rejected_chunks": 0,
+            "rejected_records": 0,
+            "split_chunks": 0,
+        }
+
+    # --- configuration ------------------------------------------------------------
+
+    def _fail(self, key: str, value: Any, problem: str) -> ConfigError:
+        shown = value if isinstance(value, str) and value.startswith("(value not shown") else repr(value)
+        return ConfigError(f"{self._source}: otlp_http.{key} = {shown}: {problem}")
+
+    def _parse_endpoint(self) -> tuple[str, str, int, str, str]:
+        url = self._endpoint
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise self._fail("endpoint", url, "expected an http:// or https:// URL with a host")
+        if parts.username is not None or parts.password is not None:
+            raise self._fail("endpoint", url, "credentials in the URL are not sent; put them in [otlp_http].headers")
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:
+            raise self._fail("endpoint", url, "expected a port number between 0 and 65535") from None
+        # OTel convention: an endpoint without a path is a base URL for the logs signal.
+        path = parts.path or "/v1/logs"
+        if parts.query:
+            path += "?" + parts.query
+        host = parts.hostname
+        host_header = f"[{host}]" if ":" in host else host
+        if parts.port is not None:
+            host_header += f":{port}"
+        return parts.scheme, host, port, path, host_header
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        cfg = self._cfg
+        try:
+            context = ssl.create_default_context(cafile=cfg.ca_file or None)
+        except (OSError, ssl.SSLError) as e:
+            raise self._fail("ca_file", cfg.ca_file, f"cannot load CA certificates: {e}") from None
+        if cfg.cert_file or cfg.key_file:
+            if not cfg.cert_file:
+                raise self._fail("key_file", cfg.key_file, "needs otlp_http.cert_file as well")
+            try:
+                context.load_cert_chain(cfg.cert_file, cfg.key_file or None)
+            except (OSError, ssl.SSLError) as e:
+                raise self._fail("cert_file", cfg.cert_file, f"cannot load client certificate/key: {e}") from None
+        if cfg.tls_insecure:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return context
+
+    def _build_static_head(self, config: Config) -> bytes:
+        """Request-line and headers shared by every request (all but length and ids)."""
+        lines = [
+            f"POST {self._path} HTTP/1.1",
+            f"Host: {self._host_header}",
+            f"User-Agent: edgeagent/{__version__}",
+            "Content-Type: application/x-protobuf",
+        ]
+        encoding = {"zstd": "zstd", "gzip": "gzip", "none": None}[config.otlp_http.compression]
+        if encoding:
+            lines.append(f"Content-Encoding: {encoding}")
+        hidden = "(value not shown: it may be a secret)"
+        for name, value in config.otlp_http.headers.items():
+            key = f"headers.{name}"
+            if not _TOKEN_RE.match(name):
+                raise self._fail(key, hidden, "the header name is not a valid HTTP token")
+            if name.lower() in _RESERVED_HEADERS:
+                raise self._fail(key, hidden, "this header is set by the agent and cannot be configured")
+            if any(c in value for c in "\r\n\0"):
+                raise self._fail(key, hidden, "header values cannot contain line breaks or NUL")
+            try:
+                value.encode("latin-1")
+            except UnicodeEncodeError:
+                raise self._fail(key, hidden, "header values must be Latin-1 text") from None
+            lines.append(f"{name}: {value}")
+        return ("\r\n".join(lines) + "\r\n").encode("latin-1")
+
+    # --- the upload loop ----------------------------------------------------------
+
+    async def run(self, ctx: UploaderContext) -> None:
+        self._ctx = ctx
+        try:
+            while not self._stopping:
+                request = self._next_request(ctx)
+                if request is None:
+                    self._state = "idle"
+                    await self._wait_idle(ctx)
+                    continue
+                self._state = "sending"
+                self._idle.clear()
+                try:
+                    await self._attempt(ctx, request)
+                finally:
+                    self._idle.set()
+        finally:
+            self._state = "stopped"
+            self._close_connection()
+
+    async def _wait_idle(self, ctx: UploaderContext) -> None:
+        if self._conn is None:
+            await ctx.wait_for_work(None)
+        elif not await ctx.wait_for_work(_IDLE_CLOSE):
+            self._close_connection()
+
+    async def _attempt(self, ctx: UploaderContext, request: _Request) -> None:
+        self._counters["requests"] += 1
+        self._counters["sent_chunks"] += len(request.chunks)
+        try:
+            response = await self._exchange(request)
+        except (OSError, EOFError, TimeoutError, _ProtocolError) as e:
+            self._set_reachable(False)
+            await self._retry_later(ctx, _describe(e), None)
+            return
+        self._set_reachable(True)
+        self._last_status = response.status
+        status = response.status
+        ids = [c.id for c in request.chunks]
+        if 200 <= status < 300:
+            self._delivered(ctx, request, response)
+        elif status == 413:
+            self._too_large(ctx, request, response)
+        elif 400 <= status < 500 and status not in _RETRYABLE:
+            reason = f"HTTP {status} {response.reason} from {self._endpoint}: {_excerpt(response)}"
+            self._note_error(reason)
+            self._counters["rejected_chunks"] += ctx.reject(ids, reason)
+        else:
+            retry_after = parse_retry_after(response.headers.get("retry-after"))
+            what = f"HTTP {status} {response.reason}"
+            if 300 <= status < 400:
+                what += f" (redirect to {response.headers.get('location', '?')} not followed: fix otlp_http.endpoint)"
+            elif status >= 400 and response.body:
+                what += f": {_excerpt(response)}"
+            await self._retry_later(ctx, what, retry_after)
+
+    def _delivered(self, ctx: UploaderContext, request: _Request, response: _Response) -> None:
+        acked = ctx.spool.ack([c.id for c in request.chunks])
+        self._counters["acked_chunks"] += acked
+        self._counters["acked_records"] += request.records
+        self._backoff.succeeded()
+        self._retry_delay = self._retry_after = self._next_attempt_at = None
+        self._last_success_at = time.time()
+        rejected, message = parse_partial_success(response.body, response.headers.get("content-type", ""))
+        if rejected > 0:
+            # The chunk is gone from the spool either way: OTLP forbids retrying a
+            # partial success, and the receiver would refuse the same records again.
+            self._counters["rejected_records"] += rejected
+            ctx.report_rejected(rejected, message or "partial success without a message")
+            self._note_error(f"receiver rejected {rejected} of {request.records} records: {message or '(no message)'}")
+            log.warning(
+                "%s accepted chunk(s) %s but rejected %d of %d records: %s",
+                self._endpoint,
+                ",".join(c.chunk_id for c in request.chunks),
+                rejected,
+                request.records,
+                message or "(no message)",
+            )
+
+    def _too_large(self, ctx: UploaderContext, request: _Request, response: _Response) -> None:
+        if request.records <= 1:
+            reason = (
+                f"HTTP 413 from {self._endpoint}: a single record of {request.raw_size} bytes is larger than the "
+                f"receiver accepts: {_excerpt(response)}"
+            )
+            self._note_error(reason)
+            self._counters["rejected_chunks"] += ctx.reject([c.id for c in request.chunks], reason)
+            return
+        # Next requests stay under half of what was refused; a chunk above that is
+        # split before it is sent (see _next_request). Halving ends at single records.
+        self._learned_limit = max(1, min(self._learned_limit, request.raw_size // 2))
+        self._note_error(
+            f"HTTP 413: request of {request.raw_size} bytes too large; now sending at most "
+            f"{self._learned_limit} bytes a request"
+        )
+        log.warning("%s refused %d bytes as too large (413); splitting", self._endpoint, request.raw_size)
+
+    async def _retry_later(self, ctx: UploaderContext, what: str, retry_after: float | None) -> None:
+        self._counters["failed_requests"] += 1
+        delay = self._backoff.failed(retry_after)
+        self._retry_delay = delay
+        self._retry_after = retry_after
+        self._next_attempt_at = time.time() + delay
+        if what != self._last_error:
+            log.warning("upload to %s failed: %s; retrying in %.1fs", self._endpoint, what, delay)
+        else:
+            log.debug("upload to %s failed again: %s; retrying in %.1fs", self._endpoint, what, delay)
+        self._note_error(what)
+        self._state = "backoff"
+        await self._wait_retry(ctx, delay, server_asked=retry_after is not None)
+
+    async def _wait_retry(self, ctx: UploaderContext, delay: float, server_asked: bool) -> None:
+        """Sleep until the retry is due; a wake that is not about new data (network
+        up, SIGUSR1, shutdown) ends the wait early, unless the server asked for it
+        (Retry-After). New data does not: during an outage chunks are committed
+        about every second, and retrying on each would be a reconnect storm."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + delay
+        # Wakes from before the failure are answered by the attempt that just failed.
+        ctx.wake_event.clear()
+        while not self._stopping:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            chunks_before = ctx.spool.chunk_count
+            woken = await ctx.wait_for_work(remaining)
+            # The batcher wakes the uploader right after committing, so a wake with no
+            # new chunk in the spool came from elsewhere.
+            if woken and not server_asked and ctx.spool.chunk_count <= chunks_before:
+                return
+
+    # --- choosing what to send ----------------------------------------------------
+
+    def _next_request(self, ctx: UploaderContext) -> _Request | None:
+        """The oldest chunks, as many as fit one request; None when the spool is empty.
+
+        A chunk that cannot be decompressed (damaged in the spool) goes to dead
+        letters rather than blocking the queue.
+        """
+        while True:
+            try:
+                return self._select(ctx)
+            except _CorruptChunk as e:
+                reason = f"chunk {e.chunk.chunk_id} is corrupt in the spool ({e.error}); it cannot be sent"
+                self._counters["rejected_chunks"] += ctx.reject([e.chunk.id], reason)
+
+    def _select(self, ctx: UploaderContext) -> _Request | None:
+        """See `_next_request`. Chunks are read one at a time so memory stays at
+        about one request whatever the backlog."""
+        limit = self._learned_limit
+        target = min(limit, _COALESCE_TARGET)
+        chunks: list[StoredChunk] = []
+        payloads: list[bytes] = []
+        sizes: list[int] = []
+        after = 0
+        while len(chunks) < _MAX_COALESCE_CHUNKS:
+            found = ctx.spool.oldest(1, after)
+            if not found:
+                break
+            chunk = found[0]
+            after = chunk.id
+            with _corrupt_as(chunk):
+                payload = ctx.payload(chunk)
+                size = self._raw_size(payload)
+            if chunks and (sum(sizes) + size > limit):
+                break  # goes first in the next request
+            if size > limit and chunk.records > 1:
+                with _corrupt_as(chunk):
+                    if self._split(ctx, chunk, payload, limit):
+                        continue  # its parts are queued behind the newer chunks (spool.split)
+            chunks.append(chunk)
+            payloads.append(payload)
+            sizes.append(size)
+            if sum(sizes) >= target:
+                break
+        if not chunks:
+            return None
+        raw_size = sum(sizes)
+        records = sum(c.records for c in chunks)
+        if self._compression == "zstd" and len(payloads) == 1:
+            return _Request(chunks, payloads[0], raw_size, records)
+        parts = []
+        for chunk, payload in zip(chunks, payloads, strict=True):
+            with _corrupt_as(chunk):
+                parts.append(self._decompress(payload))
+        raw = b"".join(parts)
+        if self._compression == "zstd":
+            body = self._cctx.compress(raw)
+        elif self._compression == "gzip":
+            body = gzip.compress(raw, compresslevel=6, mtime=0)
+        else:
+            body = raw
+        return _Request(chunks, body, len(raw), records)
+
+    def _raw_size(self, payload: bytes) -> int:
+        size = zstandard.frame_content_size(payload)
+        return size if size >= 0 else len(self._decompress(payload))
+
+    def _decompress(self, payload: bytes) -> bytes:
+        if zstandard.frame_content_size(payload) >= 0:
+            return self._dctx.decompress(payload)
+        return self._dctx.decompressobj().decompress(payload)
+
+    def _split(self, ctx: UploaderContext, chunk: StoredChunk, payload: bytes, limit: int) -> bool:
+        """Replace `chunk` in the spool by parts under `limit` bytes each; False when
+        it cannot be split (a single record above the limit, which is then sent as is)."""
+        pending = [self._decompress(payload)]
+        parts: list[bytes] = []
+        while pending:
+            part = pending.pop()
+            if len(part) <= limit:
+                parts.append(part)
+                continue
+            try:
+                first, second = split_request(part)
+            except ValueError:  # one record (or undecodable): the receiver decides
+                parts.append(part)
+                continue
+            pending += [second, first]
+        if len(parts) < 2:
+            return False
+        ctx.spool.split(chunk, [(self._cctx.compress(p), count_records(p)) for p in parts])
+        self._counters["split_chunks"] += 1
+        log.info(
+            "chunk %s (%d bytes) split into %d parts of at most %d bytes",
+            chunk.chunk_id,
+            len(payload),
+            len(parts),
+            limit,
+        )
+        return True
+
+    # --- HTTP/1.1 -----------------------------------------------------------------
+
+    async def _exchange(self, request: _Request) -> _Response:
+        for fresh_retry in (False, True):
+            conn = self._conn
+            reused = conn is not None and conn.requests > 0
+            if conn is None or conn.reader.at_eof():
+                self._close_connection()
+                conn = self._conn = await self._connect()
+                reused = False
+            conn.requests += 1
+            conn.response_started = False
+            try:
+                await self._send(conn, request)
+                response = await self._read_response(conn)
+            except (OSError, EOFError, _ProtocolError) as e:
+                self._close_connection()
+                # A keep-alive connection the server closed just as we reused it fails
+                # before any answer: resend once on a new connection, without backoff.
+                # Not after a timeout: the server may just be slow, and would get it twice.
+                stale = reused and not conn.response_started and not isinstance(e, TimeoutError)
+                if stale and not fresh_retry:
+                    log.debug("keep-alive connection to %s closed under us (%s); reconnecting", self._host, e)
+                    continue
+                raise
+            except BaseException:  # cancellation: the connection's state is unknown
+                self._close_connection()
+                raise
+            if not conn.reusable:
+                self._close_connection()
+            return response
+        raise AssertionError("unreachable")  # the loop either returns or raises
+
+    async def _connect(self) -> _Connection:
+        try:
+            async with asyncio.timeout(self._cfg.connect_timeout):
+                reader, writer = await asyncio.open_connection(
+                    self._host,
+                    self._port,
+                    ssl=self._ssl,
+                    server_hostname=self._host if self._ssl is not None else None,
+                )
+        except TimeoutError:
+            raise TimeoutError(
+                f"connecting to {self._host}:{self._port} timed out after {self._cfg.connect_timeout:g}s"
+            ) from None
+        return _Connection(reader, writer)
+
+    async def _send(self, conn: _Connection, request: _Request) -> None:
+        ids = ",".join(c.chunk_id for c in request.chunks)
+        head = self._static_head + f"Content-Length: {len(request.body)}\r\n{CHUNK_ID_HEADER}: {ids}\r\n\r\n".encode()
+        conn.writer.write(head)
+        body = memoryview(request.body)
+        piece = _WRITE_PIECE if not self._rate else min(_WRITE_PIECE, max(1024, self._rate // 4))
+        for start in range(0, len(body), piece):
+            part = body[start : start + piece]
+            await self._pace(len(part))
+            conn.writer.write(part)
+            try:
+                async with asyncio.timeout(self._cfg.timeout):
+                    await conn.writer.drain()
+            except TimeoutError:
+                raise TimeoutError(f"sending to {self._endpoint}: no progress for {self._cfg.timeout:g}s") from None
+            self._counters["sent_bytes"] += len(part)
+        if not body:
+            await conn.writer.drain()
+
+    async def _pace(self, nbytes: int) -> None:
+        """`[upload].max_rate`: request bodies leave at most this many bytes a second."""
+        if not self._rate:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        start = max(self._pace_at, now)
+        self._pace_at = start + nbytes / self._rate
+        if start > now:
+            await asyncio.sleep(start - now)
+
+    async def _read_response(self, conn: _Connection) -> _Response:
+        reader = conn.reader
+        try:
+            async with asyncio.timeout(self._cfg.timeout):
+                while True:
+                    line = await reader.readline()
+                    if not line:
+                        raise EOFError("the connection was closed before an answer arrived")
+                    conn.response_started = True
+                    version, status, reason = _parse_status_line(line)
+                    headers = await _read_headers(reader)
+                    if 100 <= status < 200:
+                        if status == 101:
+                            raise _ProtocolError("unexpected 101 Switching Protocols")
+                        continue  # interim answer (100 Continue, 103 Early Hints)
+                    break
+                body = await self._read_body(conn, version, status, headers)
+        except TimeoutError:
+            raise TimeoutError(f"no answer from {self._endpoint} within {self._cfg.timeout:g}s") from None
+        except ValueError as e:  # a line above the StreamReader limit
+            raise _ProtocolError(f"malformed answer: {e}") from None
+        connection = headers.get("connection", "").lower()
+        if "close" in connection or (version == "HTTP/1.0" and "keep-alive" not in connection):
+            conn.reusable = False
+        return _Response(status, reason, headers, body)
+
+    async def _read_body(self, conn: _Connection, version: str, status: int, headers: dict[str, str]) -> bytes:
+        reader = conn.reader
+        if status in (204, 304):
+            return b""
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            kept = bytearray()
+            while True:
+                size_line = await reader.readline()
+                try:
+                    size = int(size_line.split(b";", 1)[0].strip(), 16)
+                except ValueError:
+                    raise _ProtocolError(f"bad chunk size line {size_line[:40]!r}") from None
+                if size == 0:
+                    await _read_headers(reader)  # trailers
+                    break
+                data = await reader.readexactly(size + 2)
+                if len(kept) < _RESPONSE_KEEP:
+                    kept += data[:size]
+            return bytes(kept[:_RESPONSE_KEEP])
+        length = headers.get("content-length")
+        if length is not None:
+            try:
+                n = int(length)
+            except ValueError:
+                raise _ProtocolError(f"bad Content-Length {length!r}") from None
+            if n > _RESPONSE_KEEP:
+                # Not worth reading to keep the connection: take the head, drop the rest.
+                conn.reusable = False
+                return await reader.read(_RESPONSE_KEEP)
+            return await reader.readexactly(n)
+        # Neither: the body ends when the server closes the connection.
+        conn.reusable = False
+        return await reader.read(_RESPONSE_KEEP)
+
+    def _close_connection(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    # --- shutdown and status ------------------------------------------------------
+
+    async def drain(self, timeout: float) -> None:
+        """Let the request in flight finish (ack, or retry state) within `timeout`,
+        then stop; chunks not acknowledged stay in the spool for the next start."""
+        self._stopping = True
+        if self._ctx is not None:
+            self._ctx.wake()
+        if self._idle.is_set():
+            return
+        try:
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+        except TimeoutError:
+            log.warning(
+                "shutdown: no answer from %s within %.1fs; the chunks in flight stay in the spool and are sent "
+                "again at the next start",
+                self._endpoint,
+                timeout,
+            )
+
+    def _set_reachable(self, reachable: bool) -> None:
+        if reachable != self._reachable:
+            self._reachable = reachable
+            self._since = time.time()
+
+    def _note_error(self, what: str) -> None:
+        self._last_error = what
+        self._last_error_at = time.time()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "protocol": "otlp_http",
+            "endpoint": self._endpoint,
+            "compression": self._compression,
+            "state": self._state,
+            "connected": bool(self._reachable),
+            "since": _round(self._since),
+            "connection_open": self._conn is not None,
+            "last_status": self._last_status,
+            "last_error": self._last_error,
+            "last_error_at": _round(self._last_error_at),
+            "last_success_at": _round(self._last_success_at),
+            "retry_delay": _round(self._retry_delay),
+            "retry_after": _round(self._retry_after),
+            "next_attempt_at": _round(self._next_attempt_at),
+            "failures_in_a_row": self._backoff.failures,
+            "max_request_size": self._learned_limit,
+            **self._counters,
+        }
+
+
+# --- helpers (module level: pure, and tested on their own) -------------------------
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header: delay-seconds or an HTTP-date
+    (RFC 9110 10.2.3). None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def parse_partial_success(body: bytes, content_type: str = "application/x-protobuf") -> tuple[int, str]:
+    """(rejected_log_records, error_message) from an ExportLogsServiceResponse
+    (protobuf, or JSON when the receiver answers JSON). (0, "") when absent or
+    unreadable: a 2xx is a delivery whatever its body."""
+    if not body:
+        return 0, ""
+    try:
+        if "json" in content_type.lower():
+            partial = json.loads(body).get("partialSuccess") or {}
+            return int(partial.get("rejectedLogRecords") or 0), str(partial.get("errorMessage") or "")
+        rejected, message = 0, ""
+        for field_no, wire, start, end in iter_fields(body):
+            if field_no == 1 and wire == 2:  # partial_success
+                for f, w, s, e in iter_fields(body, start, end):
+                    if f == 1 and w == 0:
+                        rejected = e - (1 << 64) if e >= 1 << 63 else e
+                    elif f == 2 and w == 2:
+                        message = body[s:e].decode("utf-8", "replace")
+        return rejected, message
+    except (DecodeError, ValueError, AttributeError, TypeError) as e:
+        log.warning("unreadable OTLP response body (%s); counting the request as fully accepted", e)
+        return 0, ""
+
+
+def count_records(request: bytes) -> int:
+    """LogRecords in an ExportLogsServiceRequest, without decoding them."""
+    n = 0
+    for f, w, s, e in iter_fields(request):
+        if f == 1 and w == 2:
+            for f2, w2, s2, e2 in iter_fields(request, s, e):
+                if f2 == 2 and w2 == 2:
+                    n += sum(1 for f3, w3, _, _ in iter_fields(request, s2, e2) if f3 == 2 and w3 == 2)
+    return n
+
+
+def _excerpt(response: _Response) -> str:
+    """The receiver's explanation: google.rpc.Status.message for a protobuf
+    body, else the start of the text."""
+    body = response.body
+    if not body:
+        return "(empty body)"
+    if "protobuf" in response.headers.get("content-type", ""):
+        try:
+            for f, w, s, e in iter_fields(body):
+                if f == 2 and w == 2:
+                    return body[s:e].decode("utf-8", "replace")[:_EXCERPT]
+        except DecodeError:
+            pass
+    text = body[:_EXCERPT].decode("utf-8", "replace")
+    return " ".join(text.split()) or "(blank body)"
+
+
+def _parse_status_line(line: bytes) -> tuple[str, int, str]:
+    parts = line.decode("latin-1").rstrip("\r\n").split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+        raise _ProtocolError(f"not an HTTP/1.x status line: {line[:60]!r}")
+    return parts[0], int(parts[1]), parts[2] if len(parts) > 2 else ""
+
+
+async def _read_headers(reader: asyncio.StreamReader) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for _ in range(_RESPONSE_MAX_LINES):
+        line = await reader.readline()
+        if not line:
+            raise EOFError("the connection was closed in the middle of an answer")
+        if line in (b"\r\n", b"\n"):
+            return headers
+        name, sep, value = line.decode("latin-1").partition(":")
+        if not sep:
+            raise _ProtocolError(f"malformed header line {line[:60]!r}")
+        key = name.strip().lower()
+        value = value.strip()
+        headers[key] = f"{headers[key]}, {value}" if key in headers else value
+    raise _ProtocolError(f"more than {_RESPONSE_MAX_LINES} header lines")
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return f"TLS certificate verification failed: {error.verify_message or error}"
+    if isinstance(error, ConnectionRefusedError):
+        return "connection refused"
+    text = str(error) or type(error).__name__
+    return text if isinstance(error, (TimeoutError, EOFError, _ProtocolError)) else f"{type(error).__name__}: {text}"
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
