@@ -249,6 +249,12 @@ class SourceContext:
         """Stored positions whose key starts with `prefix`, as of the last commit."""
         return self._spool.positions(prefix)
 
+    def flush(self) -> None:
+        """Commit what is pending now, so `positions()` is current (a source
+        restarted by the supervisor must not resume behind records it
+        already handed over)."""
+        self._batcher.flush()
+
     def forget_positions(self, keys: list[str]) -> None:
         """Drop positions of streams that are gone for good (after pending
         batches are committed, so a replay cannot resurrect them)."""

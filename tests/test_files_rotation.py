@@ -1,0 +1,285 @@
+"""Rotation in-process: rename+create, copytruncate, deletion, symlinks, and rotation while stopped.
+
+File operations written without an `await` between them happen while the source cannot run (it shares
+the test's event loop), which makes "the writer got ahead of the reader" cases exact instead of timed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from test_files_harness import Harness, files_config
+
+
+def run(coro: object) -> None:
+    asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def lines(prefix: str, start: int, count: int) -> bytes:
+    return "".join(f"{prefix} {i}\n" for i in range(start, start + count)).encode()
+
+
+def expected(prefix: str, start: int, count: int) -> list[str]:
+    return [f"{prefix} {i}" for i in range(start, start + count)]
+
+
+def test_rename_and_create_reads_the_old_file_to_its_end(tmp_path: Path) -> None:
+    log = tmp_path / "app.log"
+    log.write_bytes(lines("a", 0, 100))
+
+    async def scenario() -> None:
+        h = Harness(files_config(tmp_path / "state", include=[str(log)]))
+        await h.start()
+        await h.wait_lines(100)
+        with open(log, "ab") as writer:  # the application's descriptor
+            writer.write(lines("a", 100, 50))
+            writer.flush()
+            os.rename(log, tmp_path / "app.log.1")
+            writer.write(lines("a", 150, 50))  # written after the rename, before the application reopens
+            writer.flush()
+            log.write_bytes(lines("b", 0, 10))
+            await h.wait_lines(210)
+            writer.write(lines("a", 200, 5))  # late: still within rotate_wait of the old file
+        bodies = await h.wait_lines(215)
+        assert sorted(bodies) == sorted(expected("a", 0, 205) + expected("b", 0, 10))
+        # The old file is let go once idle for rotate_wait.
+        await h.wait(lambda: h.source is not None and h.source.status()["files"] == 1, what="old file let go")
+        await h.stop()
+
+    run(scenario())
+
+
+def test_copytruncate_recovers_unread_lines_from_the_copy(tmp_path: Path) -> None:
+    log = tmp_path / "app.log"
+    log.write_bytes(lines("a", 0, 100))
+
+    async def scenario() -> None:
+        h = Harness(files_config(tmp_path / "state", include=[str(log)]))
+        await h.start()
+        await h.wait_lines(100)
+        # The writer gets ahead of the reader, then logrotate copies and truncates, then the writer goes on.
+        with open(log, "ab") as writer:
+            writer.write(lines("a", 100, 400))
+            writer.flush()
+            shutil.copyfile(log, tmp_path / "app.log.1")
+            os.truncate(log, 0)
+            os.lseek(writer.fileno(), 0, os.SEEK_SET)
+            writer.write(lines("b", 0, 20))
+        bodies = await h.wait_lines(520)
+        assert bodies[:100] == expected("a", 0, 100)
+        assert sorted(bodies[100:]) == sorted(expected("a", 100, 400) + expected("b", 0, 20))
+        assert h.source is not None
+        await h.wait(lambda: h.source.status()["files"] == 1, what="copy let go")  # type: ignore[union-attr]
+        assert h.source.status()["copies_recovered"] == 1
+        await h.stop()
+
+    run(scenario())
+
+
+def test_copytruncate_with_the_copy_matching_include_is_not_read_twice(tmp_path: Path) -> None:
+    log = tmp_path / "app.log"
+    log.write_bytes(lines("a", 0, 100))  # more than a fingerprint's worth
+
+    async def scenario() -> None:
+        h = Harness(files_config(tmp_path / "state", include=[str(tmp_path / "app.log*")]))
+        await h.start()
+        await h.wait_lines(100)
+        with open(log, "ab") as writer:
+            writer.write(lines("a", 100, 30))
+        shutil.copyfile(log, tmp_path / "app.log.1")
+        os.truncate(log, 0)
+        log.write_bytes(lines("b", 0, 5))
+        bodies = await h.wait_lines(135)
+        assert sorted(bodies) == sorted(expected("a", 0, 130) + expected("b", 0, 5))
+        await h.stop()
+        # And after a restart, neither file is read again.
+        h = Harness(files_config(tmp_path / "state", include=[str(tmp_path / "app.log*")]))
+        await h.start()
+        with open(log, "ab") as writer:
+            writer.write(lines("b", 5, 1))
+        bodies = await h.wait_lines(136)
+        assert sorted(bodies) == sorted(expected("a", 0, 130) + expected("b", 0, 6))
+        await h.stop()
+
+    run(scenario())
+
+
+def test_file_deleted_while_open_is_read_to_its_end(tmp_path: Path) -> None:
+    log = tmp_path / "app.log"
+    log.write_bytes(lines("a", 0, 10))
+
+    async def scenario() -> None:
+        h = Harness(files_config(tmp_path / "state", include=[str(log)]))
+        await h.start()
+        await h.wait_lines(10)
+        with open(log, "ab") as writer:
+            writer.write(lines("a", 10, 1000))
+            writer.flush()
+            log.unlink()
+            writer.write(lines("a", 1010, 10) + b"unterminated")
+        # The last line never gets its newline: it is shipped when the file is let go.
+        bodies = await h.wait_lines(1021)
+        assert bodies == [*expected("a", 0, 1020), "unterminated"]
+        await h.wait(lambda: h.source is not None and h.source.status()["files"] == 0, what="deleted file let go")
+        await h.stop()
+
+    run(scenario())
+
+
+def test_symlinks_are_followed_and_a_file_replaced_by_a_symlink(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    log = tmp_path / "app.log"
+    log.write_bytes(lines("a", 0, 10))
+
+    async def scenario() -> None:
+        h = Harness(files_config(tmp_path / "state", include=[str(tmp_path / "*.log")]))
+        await h.start()
+        await h.wait_lines(10)
+        # The regular file is moved away and replaced by a symlink to it: the same file, no line again.
+        os.rename(log, data / "app-1.log")
+        log.symlink_to(data / "app-1.log")
+        with open(log, "ab") as writer:
+            writer.write(lines("a", 10, 5))
+        await h.wait_lines(15)
+        # The symlink is pointed at a new file: the old one is read to its end, the new one from its start.
+        (data / "app-2.log").write_bytes(lines("b", 0, 3))
+        tmp_link = tmp_path / "app.log.tmp"
+        tmp_link.symlink_to(data / "app-2.log")
+        with open(data / "app-1.log", "ab") as writer:
+            writer.write(lines("a", 15, 2))
+        os.rename(tmp_link, log)
+        bodies = await h.wait_lines(20)
+        assert sorted(bodies) == sorted(expected("a", 0, 17) + expected("b", 0, 3))
+        records = h.records()
+        assert {r["attributes"]["log.file.path"] for r in records} == {str(log)}
+        await h.stop()
+
+    run(scenario())
+
+
+def test_rotation_while_stopped_loses_nothing(tmp_path: Path) -> None:
+    log = tmp_path / "app.log"
+    state = tmp_path / "state"
+    cfg = files_config(state, include=[str(log)])
+
+    async def scenario() -> None:
+        log.write_bytes(lines("a", 0, 50))
+        h = Harness(cfg)
+        await h.start()
+        await h.wait_lines(50)
+        await h.stop()
+        # Stopped: the file gets more lines, is renamed away (to a name include does not match) and recreated.
+        with open(log, "ab") as writer:
+            writer.write(lines("a", 50, 25) + b"half")
+        os.rename(log, tmp_path / "app.log.1")
+        log.write_bytes(lines("b", 0, 10))
+        h = Harness(cfg)
+        await h.start()
+        bodies = await h.wait_lines(86)
+        assert sorted(bodies) == sorted([*expected("a", 0, 75), "half", *expected("b", 0, 10)])
+        await h.stop()
+        # Stopped again: this time copytruncate, after more lines.
+        with open(log, "ab") as writer:
+            writer.write(lines("b", 10, 40))
+        shutil.copyfile(log, tmp_path / "app.log.2")
+        os.truncate(log, 0)
+        log.write_bytes(lines("c", 0, 5))
+        h = Harness(cfg)
+        await h.start()
+        bodies = await h.wait_lines(131)
+        assert sorted(bodies) == sorted([*expected("a", 0, 75), "half", *expected("b", 0, 50), *expected("c", 0, 5)])
+        assert h.loss_reports() == []
+        await h.stop()
+
+    run(scenario())
+
+
+def test_crash_while_a_rotated_file_is_still_being_read(tmp_path: Path) -> None:
+    log = tmp_path / "app.log"
+    state = tmp_path / "state"
+    cfg = files_config(state, include=[str(log)], rotate_wait=60)
+
+    async def scenario() -> None:
+        log.write_bytes(lines("a", 0, 10))
+        h = Harness(cfg)
+        await h.start()
+        await h.wait_lines(10)
+        os.rename(log, tmp_path / "app.log.1")
+        log.write_bytes(lines("b", 0, 10))
+        await h.wait_lines(20)
+        await asyncio.sleep(0.2)  # let the commit of where the old file went happen (a crash may also precede it)
+        await h.crash()
+        with open(tmp_path / "app.log.1", "ab") as writer:
+            writer.write(lines("a", 10, 5))
+        os.rename(tmp_path / "app.log.1", tmp_path / "app.log.2")  # rotated on while stopped
+        h = Harness(cfg)
+        await h.start()
+        bodies = await h.wait_lines(25)
+        assert sorted(bodies) == sorted(expected("a", 0, 15) + expected("b", 0, 10))
+        await h.stop()
+
+    run(scenario())
+
+
+def test_symlink_retargeted_while_stopped(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    log = tmp_path / "app.log"
+    (data / "one.log").write_bytes(lines("a", 0, 5))
+    log.symlink_to(data / "one.log")
+    cfg = files_config(tmp_path / "state", include=[str(log)])
+
+    async def scenario() -> None:
+        h = Harness(cfg)
+        await h.start()
+        await h.wait_lines(5)
+        await h.stop()
+        with open(data / "one.log", "ab") as writer:
+            writer.write(lines("a", 5, 5))
+        (data / "two.log").write_bytes(lines("b", 0, 5))
+        log.unlink()
+        log.symlink_to(data / "two.log")
+        h = Harness(cfg)
+        await h.start()
+        bodies = await h.wait_lines(15)
+        assert sorted(bodies) == sorted(expected("a", 0, 10) + expected("b", 0, 5))
+        await h.stop()
+
+    run(scenario())
+
+
+def test_a_file_that_cannot_be_opened_keeps_its_position(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    log = tmp_path / "app.log"
+    log.write_bytes(lines("a", 0, 5))
+    cfg = files_config(tmp_path / "state", include=[str(log)], rescan_interval=0.1)
+
+    async def scenario() -> None:
+        h = Harness(cfg)
+        await h.start()
+        await h.wait_lines(5)
+        await h.stop()
+        with open(log, "ab") as writer:
+            writer.write(lines("a", 5, 5))
+        real_open = os.open
+        failures = []
+
+        def failing_open(path: object, *args: object, **kwargs: object) -> int:
+            if str(path) == str(log) and len(failures) < 2:
+                failures.append(path)
+                raise PermissionError(13, "Permission denied", str(path))
+            return real_open(path, *args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(os, "open", failing_open)
+        h = Harness(cfg)
+        await h.start()
+        # Refused at start and at the first scan; opened by a later rescan, from the stored position.
+        assert await h.wait_lines(10) == expected("a", 0, 10)
+        assert len(failures) == 2
+        await h.stop()
+
+    run(scenario())
