@@ -19,6 +19,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+KMSG = Path("/dev/kmsg")
+PRINTK_DEVKMSG = Path("/proc/sys/kernel/printk_devkmsg")
 
 
 def free_port() -> int:
@@ -36,6 +38,43 @@ def wait_for(predicate: Any, timeout: float = 20.0, interval: float = 0.05, what
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+async def until(predicate: Any, what: str, timeout: float = 20.0) -> Any:
+    """`wait_for` for code running inside the event loop under test."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+def devkmsg() -> Iterator[None]:
+    """Lets every userspace write into the ring buffer (the default
+    "ratelimit" silently drops most of a test's lines); restored afterwards."""
+    if os.geteuid() != 0 or not KMSG.exists():
+        pytest.skip("needs root and the real /dev/kmsg")
+    old = PRINTK_DEVKMSG.read_text().strip()
+    PRINTK_DEVKMSG.write_text("on\n")
+    yield
+    PRINTK_DEVKMSG.write_text(old + "\n")
+
+
+def write_kmsg(level: int, text: str) -> None:
+    """One record, as userspace writes it (facility user). The newline
+    matters: without it the kernel keeps the record open for a continuation
+    and readers see it only when the next record arrives."""
+    fd = os.open(KMSG, os.O_WRONLY)
+    try:
+        os.write(fd, f"<{level}>{text}\n".encode())
+    finally:
+        os.close(fd)
 
 
 class Broker:

@@ -12,10 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import spool_records, wait_for
+from conftest import KMSG, PRINTK_DEVKMSG, spool_records, wait_for, write_kmsg
 
-KMSG = Path("/dev/kmsg")
-PRINTK_DEVKMSG = Path("/proc/sys/kernel/printk_devkmsg")
 SEVERITY = {0: 21, 1: 21, 2: 21, 3: 17, 4: 13, 5: 10, 6: 9, 7: 5}
 
 CONFIG = """
@@ -30,7 +28,6 @@ to = "none"
 """
 
 
-@pytest.fixture
 def devkmsg() -> Iterator[None]:
     """Lets every userspace write into the ring buffer; restored afterwards."""
     if os.geteuid() != 0 or not KMSG.exists():
@@ -39,14 +36,6 @@ def devkmsg() -> Iterator[None]:
     PRINTK_DEVKMSG.write_text("on\n")
     yield
     PRINTK_DEVKMSG.write_text(old + "\n")
-
-
-def write_kmsg(level: int, text: str) -> None:
-    fd = os.open(KMSG, os.O_WRONLY)
-    try:
-        os.write(fd, f"<{level}>{text}\n".encode())
-    finally:
-        os.close(fd)
 
 
 def marked(state_dir: Path, mark: str) -> list[dict[str, Any]]:

@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 import zstandard
+from conftest import KMSG, PRINTK_DEVKMSG, write_kmsg
 
 from edgeagent import clock
 from edgeagent.clock import ClockState
@@ -34,13 +35,9 @@ from edgeagent.pipeline import Batcher, SourceContext, UploaderContext
 from edgeagent.sources.kmsg import PREVIOUS_BOOT_KEY, KmsgSource, sequence_of
 from edgeagent.spool import Spool
 
-KMSG = Path("/dev/kmsg")
-PRINTK_DEVKMSG = Path("/proc/sys/kernel/printk_devkmsg")
-
 needs_kmsg = pytest.mark.skipif(os.geteuid() != 0 or not KMSG.exists(), reason="needs root and the real /dev/kmsg")
 
 
-@pytest.fixture
 def devkmsg() -> Iterator[None]:
     """Lets every userspace write into the ring buffer (the default
     "ratelimit" silently drops most of a test's lines); restored afterwards."""
@@ -50,17 +47,6 @@ def devkmsg() -> Iterator[None]:
     PRINTK_DEVKMSG.write_text("on\n")
     yield
     PRINTK_DEVKMSG.write_text(old + "\n")
-
-
-def write_kmsg(level: int, text: str) -> None:
-    """One record, as userspace writes it (facility user). The newline
-    matters: without it the kernel keeps the record open for a continuation
-    and readers see it only when the next record arrives."""
-    fd = os.open(KMSG, os.O_WRONLY)
-    try:
-        os.write(fd, f"<{level}>{text}\n".encode())
-    finally:
-        os.close(fd)
 
 
 def newest_sequence() -> int:

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import zstandard
+from conftest import until
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from otlp_server import Answer, OtlpServer
 from tls import Pki, make_pki
@@ -95,17 +96,6 @@ def _merge_keys(defaults: str, overrides: str) -> str:
             key, value = line.split("=", 1)
             keys[key.strip()] = value.strip()
     return "\n".join(f"{k} = {v}" for k, v in keys.items())
-
-
-async def until(predicate: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def run(test: Callable[[], Coroutine[Any, Any, None]]) -> None:
