@@ -1,0 +1,184 @@
+"""Turns the harness's results (medians per scenario) into Markdown tables:
+figures, ratios to the references, the issue's targets met or missed, the
+peers and the profile."""
+
+from __future__ import annotations
+
+from typing import Any
+
+MIB = 1024 * 1024
+
+# (label, scenario, key, limit, higher_is_better)
+TARGETS = (
+    ("lines/s end to end >= 350,000", "ingest", "lines_per_s", 350_000, True),
+    ("CPU s per million lines <= 1.8", "ingest", "cpu_s_per_million", 1.8, False),
+    ("peak RSS under load <= 40 MiB", "ingest", "peak_rss_mib", 40, False),
+    ("disk written <= 0.7 x raw", "ingest", "disk_per_raw", 0.7, False),
+    ("wire <= 1.15 x zstd-3 of 1000-line batches", "ingest", "wire_per_zstd_batches", 1.15, False),
+    ("idle RSS <= 30 MiB", "idle", "rss_mib", 30, False),
+    ("idle wakeups <= 1/s", "idle", "wakeups_per_s", 1, False),
+    ("start-up to ready <= 0.5 s", "startup", "first_start_s", 0.5, False),
+)
+
+
+def fmt(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, int) or (float(value).is_integer() and abs(value) >= 1000):
+        return f"{int(value):,}"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    return f"{value:.3g}" if abs(value) < 1 else f"{value:.2f}"
+
+
+def derive(results: dict[str, Any], lines: int) -> None:
+    """Ratios to the references, added to each scenario's median in place."""
+    refs = results.get("references", {}).get("median", {})
+    sqlite, paho, zb = refs.get("sqlite"), refs.get("paho_publish"), refs.get("zstd_batches")
+    pipeline_wall = sqlite["wall_s"] + paho["wall_s"] if sqlite and paho else None
+    pipeline_cpu = sqlite["cpu_s"] + paho["cpu_s"] if sqlite and paho else None
+    for name in ("ingest", *results.get("peers", {})):
+        block = results["peers"][name] if name != "ingest" else results.get("ingest")
+        med = (block or {}).get("median")
+        if not med:
+            continue
+        if "cpu_s" in med:
+            med["cpu_s_per_million"] = med["cpu_s"] * 1_000_000 / lines
+        if pipeline_wall:
+            med["wall_x_reference"] = med["wall_s"] / pipeline_wall
+            med["cpu_x_reference"] = med["cpu_s"] / pipeline_cpu
+        if zb:
+            med["wire_per_zstd_batches"] = med["wire_bytes"] / zb["zstd_bytes"]
+    backlog = (results.get("backlog") or {}).get("median")
+    if backlog and sqlite and paho and zb:
+        backlog["spool_wall_x_sqlite_reference"] = backlog["spool_wall_s"] / sqlite["wall_s"]
+        backlog["drain_wall_x_paho_reference"] = backlog["drain_wall_s"] / paho["wall_s"]
+        backlog["spool_size_x_zstd_batches"] = backlog["spool_size_bytes"] / zb["zstd_bytes"]
+        backlog["wire_per_zstd_batches"] = backlog["wire_bytes"] / zb["zstd_bytes"]
+    idle = (results.get("idle") or {}).get("median")
+    if idle and refs.get("python_bare"):
+        idle["rss_x_bare_python"] = idle["rss_mib"] / (refs["python_bare"]["peak_rss_kib"] / 1024)
+    startup = (results.get("startup") or {}).get("median")
+    if startup and refs.get("python_start"):
+        startup["first_start_x_bare_python"] = startup["first_start_s"] / refs["python_start"]["wall_s"]
+        startup["version_x_bare_python"] = startup["version_s"] / refs["python_start"]["wall_s"]
+    kmsg = (results.get("kmsg") or {}).get("median")
+    kref = (results.get("kmsg_reference") or {}).get("median")
+    if kmsg and kref and kref.get("arrived"):
+        kmsg["arrived_x_bare_reader"] = kmsg["arrived"] / kref["arrived"]
+
+
+def _status_line(name: str, block: dict[str, Any] | None) -> str | None:
+    if block is None:
+        return f"- **{name}**: not run (not selected)"
+    if block.get("status") != "ok":
+        return f"- **{name}**: {block.get('status')}: {block.get('reason', '')}"
+    return None
+
+
+def table(rows: list[tuple[str, Any]]) -> list[str]:
+    out = ["| figure | value |", "|---|---|"]
+    out += [f"| {k} | {fmt(v)} |" for k, v in rows]
+    return out
+
+
+def render(results: dict[str, Any]) -> str:
+    lines = results["lines"]
+    derive(results, lines)
+    m = results["machine"]
+    out = [
+        f"Run {results['started']} · {lines:,} lines ({results['raw_bytes']:,} bytes) · median of "
+        f"{results['runs']} runs · {m['nproc']} CPUs ({m['cpu']}), {m['memory']}, kernel {m['kernel']}, "
+        f"{m['python']}, state on {m['filesystem']}",
+        "",
+        "Command: `" + results["command"] + "`",
+        "",
+    ]
+    refs = (results.get("references") or {}).get("median")
+    if refs:
+        out += ["### References", "", "| reference | wall s | lines/s | CPU s | peak RSS MiB | disk written | other |"]
+        out += ["|---|---|---|---|---|---|---|"]
+        for name, r in refs.items():
+            other = []
+            for key in ("ratio", "zstd_bytes", "wire_bytes", "payload_bytes", "chunks", "messages", "insert_s"):
+                if key in r:
+                    other.append(f"{key} {fmt(r[key])}")
+            out.append(
+                f"| {name} | {fmt(r['wall_s'])} | {fmt(r.get('lines_per_s', ''))} | {fmt(r['cpu_s'])} | "
+                f"{fmt(r['peak_rss_kib'] / 1024)} | {fmt(r['disk_write_bytes'])} | {', '.join(other)} |"
+            )
+        out.append("")
+    for name, title in (
+        ("ingest", "1. Ingest and forward"),
+        ("backlog", "2. Offline backlog then drain"),
+        ("idle", "3. Idle"),
+        ("startup", "4. Start-up"),
+        ("kmsg", "5. Kernel burst"),
+        ("kmsg_reference", "5r. Kernel burst, bare /dev/kmsg reader (reference)"),
+    ):
+        block = results.get(name)
+        if block is None:
+            continue
+        out += [f"### {title}", ""]
+        note = _status_line(name, block)
+        if note:
+            out += [note, ""]
+            continue
+        out += [*table(list(block["median"].items())), ""]
+    peers = results.get("peers") or {}
+    ingest = (results.get("ingest") or {}).get("median")
+    if peers or ingest:
+        out += [
+            "### Side by side (scenario 1 work: file -> durable buffer -> local sink)",
+            "",
+            "| agent | lines/s | CPU s | CPU s / M lines | peak RSS MiB | disk written / raw | wire / raw | "
+            "wall x ref | CPU x ref |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        rows = [("edgeagent (SQLite FULL -> MQTT QoS1)", ingest)] if ingest else []
+        rows += [
+            (name, (block.get("median") if block.get("status") == "ok" else None)) for name, block in peers.items()
+        ]
+        for name, med in rows:
+            if med is None:
+                reason = peers.get(name, {}).get("reason", "")
+                out.append(f"| {name} | not available: {reason} | | | | | | | |")
+                continue
+            out.append(
+                f"| {name} | {fmt(med['lines_per_s'])} | {fmt(med['cpu_s'])} | "
+                f"{fmt(med.get('cpu_s_per_million', ''))} | "
+                f"{fmt(med['peak_rss_mib'])} | {fmt(med['disk_per_raw'])} | {fmt(med['wire_per_raw'])} | "
+                f"{fmt(med.get('wall_x_reference', ''))} | {fmt(med.get('cpu_x_reference', ''))} |"
+            )
+        out.append("")
+    out += ["### Targets", "", "| target | measured | met |", "|---|---|---|"]
+    for label, scenario, key, limit, higher in TARGETS:
+        med = (results.get(scenario) or {}).get("median")
+        if not med or key not in med:
+            out.append(f"| {label} | not measured | - |")
+            continue
+        value = med[key]
+        met = value >= limit if higher else value <= limit
+        out.append(f"| {label} | {fmt(value)} | {'yes' if met else '**no**'} |")
+    out.append("")
+    profile = results.get("profile")
+    if profile:
+        out += ["### Profile of scenario 1", ""]
+        if profile.get("status") != "ok":
+            out += [f"- {profile.get('status')}: {profile.get('reason', '')}", ""]
+        else:
+            med = profile["median"]
+            out += [f"Command: `{med['command']}`", ""]
+            out += ["| function (self time) | share |", "|---|---|"]
+            out += [f"| `{f}` | {s:.1%} |" for f, s in med["hot"]["self"]]
+            out += ["", "| function (inclusive) | share |", "|---|---|"]
+            out += [f"| `{f}` | {s:.1%} |" for f, s in med["hot"]["inclusive"]]
+            out.append("")
+    spool = results.get("spool")
+    if spool:
+        out += ["### Spool append (in-process Batcher + Spool, durability full)", ""]
+        note = _status_line("spool", spool)
+        out += [note, ""] if note else [*table(list(spool["median"].items())), ""]
+    return "\n".join(out)
