@@ -25,7 +25,16 @@ from edgeagent import __version__, clock
 from edgeagent import config as config_mod
 from edgeagent.config import Config, ConfigError
 from edgeagent.otlp import ChunkEncoder
-from edgeagent.pipeline import AGENT_SOURCE, Batcher, Source, SourceContext, Uploader, UploaderContext
+from edgeagent.pipeline import (
+    AGENT_SOURCE,
+    WAKE_ASKED,
+    WAKE_NETWORK,
+    Batcher,
+    Source,
+    SourceContext,
+    Uploader,
+    UploaderContext,
+)
 from edgeagent.records import Batch, Record
 from edgeagent.spool import Spool
 
@@ -104,7 +113,7 @@ class Agent:
             (signal.SIGTERM, self._stop.set),
             (signal.SIGINT, self._stop.set),
             (signal.SIGHUP, self._reload.set),
-            (signal.SIGUSR1, self._wake),
+            (signal.SIGUSR1, lambda: self._wake(WAKE_ASKED)),
         ):
             loop.add_signal_handler(sig, handler)
         self.spool = Spool.open(
@@ -147,9 +156,9 @@ class Agent:
         log.info("stopped")
         return 0
 
-    def _wake(self) -> None:
+    def _wake(self, reason: str) -> None:
         if self._uploader_ctx is not None:
-            self._uploader_ctx.wake()
+            self._uploader_ctx.wake(reason)
 
     def _start_components(self, components: tuple[list[Source], Uploader | None]) -> None:
         assert self.spool is not None
@@ -176,7 +185,7 @@ class Agent:
     async def _watch_network(self) -> None:
         from edgeagent.connectivity import NetworkWatch
 
-        await NetworkWatch().run(self._wake)
+        await NetworkWatch().run(lambda: self._wake(WAKE_NETWORK))
 
     def _spawn(self, name: str, run: Callable[[], Awaitable[None]]) -> None:
         self._tasks.append(asyncio.create_task(self._supervise(name, run), name=name))

@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 
 AGENT_SOURCE = "edgeagent"  # the source name of records the agent writes about itself
 
+WAKE_DATA = "data"
+WAKE_NETWORK = "network"
+WAKE_ASKED = "asked"
+
 
 class Source(Protocol):
     """A source reads one kind of input and emits batches until cancelled.
@@ -289,6 +293,7 @@ class UploaderContext:
         self.spool = spool
         self.config = config
         self.wake_event = asyncio.Event()
+        self._reasons: set[str] = set()
         self._on_loss = on_loss
 
     def reject(self, ids: list[int], reason: str) -> int:
@@ -323,19 +328,29 @@ class UploaderContext:
             )
         )
 
-    def wake(self) -> None:
-        """New chunks were stored, the network came up, or someone asked (SIGUSR1)."""
+    def wake(self, reason: str = WAKE_DATA) -> None:
+        """Wake the uploader: new chunks were stored (`WAKE_DATA`), an interface or
+        default route came up (`WAKE_NETWORK`), someone asked (`WAKE_ASKED`:
+        SIGUSR1, `edgeagent wake`), or the uploader's own reason."""
+        self._reasons.add(reason)
         self.wake_event.set()
 
-    async def wait_for_work(self, timeout: float | None) -> bool:
-        """Sleep until woken or `timeout` passes; True if woken."""
+    def discard_wakes(self) -> None:
+        """Forget wakes that came before now (an attempt just answered them)."""
+        self._reasons.clear()
+        self.wake_event.clear()
+
+    async def wait_for_work(self, timeout: float | None) -> frozenset[str]:
+        """Sleep until woken or `timeout` passes. Returns why it was woken (empty
+        when the timeout passed): uploaders in backoff ignore `WAKE_DATA` alone,
+        since retrying on every commit during an outage is a reconnect storm."""
         try:
             await asyncio.wait_for(self.wake_event.wait(), timeout)
-            return True
         except TimeoutError:
-            return False
-        finally:
-            self.wake_event.clear()
+            pass
+        reasons = frozenset(self._reasons)
+        self.discard_wakes()
+        return reasons
 
     def payload(self, chunk: StoredChunk) -> bytes:
         """The chunk's wire payload, with wall times corrected if the boot's

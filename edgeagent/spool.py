@@ -219,6 +219,9 @@ class Spool:
             # chunk would be overwritten with zeros, a second flash write of
             # everything uploaded. Log lines are not secrets the spool must shred.
             conn.execute("PRAGMA secure_delete = OFF")
+            # Chunks are written once and read once: a large page cache buys
+            # nothing but resident memory (SQLite's default is 2 MiB).
+            conn.execute("PRAGMA cache_size = -512")
         except BaseException:
             conn.close()
             raise

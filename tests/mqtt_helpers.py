@@ -23,7 +23,7 @@ from paho.mqtt.properties import Properties
 
 from edgeagent.config import Config, loads
 from edgeagent.otlp import ChunkEncoder
-from edgeagent.pipeline import Batcher, UploaderContext
+from edgeagent.pipeline import WAKE_NETWORK, Batcher, UploaderContext
 from edgeagent.records import Batch, Record
 from edgeagent.spool import Spool
 from edgeagent.uploaders.mqtt import MqttUploader
@@ -105,7 +105,8 @@ class UploaderHarness:
         return self.call(lambda: [c.chunk_id for c in self.spool.oldest(10**6)])
 
     def wake(self) -> None:
-        self.call(self.ctx.wake)
+        """What the network watch does when a link comes up."""
+        self.call(lambda: self.ctx.wake(WAKE_NETWORK))
 
     def drain(self, timeout: float) -> None:
         asyncio.run_coroutine_threadsafe(self.uploader.drain(timeout), self.loop).result(timeout + 30)

@@ -22,7 +22,7 @@ from tls import Pki, make_pki
 
 from edgeagent.config import ConfigError, loads
 from edgeagent.otlp import ChunkEncoder
-from edgeagent.pipeline import Batcher, UploaderContext
+from edgeagent.pipeline import WAKE_NETWORK, Batcher, UploaderContext
 from edgeagent.records import SEVERITY_ERROR, SEVERITY_INFO, SEVERITY_WARN, Batch, Record
 from edgeagent.spool import NewChunk, Spool
 from edgeagent.uploaders.otlp_http import (
@@ -316,7 +316,7 @@ def test_retry_after_seconds_is_honoured(tmp_path: Path, server: OtlpServer) -> 
         assert st["retry_after"] == 2.0 and st["retry_delay"] == 2.0
         assert st["last_status"] == 429
         # A wake (network up, SIGUSR1) does not cut a wait the server asked for.
-        h.ctx.wake()
+        h.ctx.wake(WAKE_NETWORK)
         await asyncio.sleep(0.05)
         assert server.count() == 1 and h.uploader.status()["state"] == "backoff"
         await until(lambda: h.spool.chunk_count == 0, "delivery after Retry-After")
@@ -509,7 +509,7 @@ def test_an_outage_in_the_middle_of_a_drain_loses_nothing(tmp_path: Path, server
         assert h.uploader.status()["connected"] is False
         restarted = OtlpServer(port=port).start()
         try:
-            h.ctx.wake()  # network up
+            h.ctx.wake(WAKE_NETWORK)  # network up
             await until(lambda: h.spool.chunk_count == 0, "drain after the outage")
             await h.stop()
             delivered = dict(server.delivered)
@@ -553,7 +553,7 @@ def test_a_network_wake_retries_at_once_but_new_data_does_not(tmp_path: Path) ->
         await asyncio.sleep(0.2)
         assert h.uploader.status()["failed_requests"] == 1
         with OtlpServer(port=port) as server:
-            h.ctx.wake()  # what NetworkWatch or SIGUSR1 does
+            h.ctx.wake(WAKE_NETWORK)  # what NetworkWatch or SIGUSR1 does
             await until(lambda: h.spool.chunk_count == 0, "delivery right after the wake")
             await h.stop()
             assert server.lines() == ["waiting", "more data"]

@@ -51,7 +51,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from edgeagent import __version__, otlp
 from edgeagent.config import Config
-from edgeagent.pipeline import UploaderContext
+from edgeagent.pipeline import WAKE_DATA, UploaderContext
 from edgeagent.spool import StoredChunk
 from edgeagent.uploaders import Backoff
 
@@ -459,15 +459,9 @@ class MqttUploader:
         log.debug("mqtt: next connection attempt in %.1fs", delay)
         deadline = time.monotonic() + delay
         while (remaining := deadline - time.monotonic()) > 0 and not self._draining:
-            spooled = self._spooled_chunks()
-            if not await ctx.wait_for_work(remaining):
-                return
-            if self._spooled_chunks() == spooled:
-                return  # not new data: the network came up, or an explicit wake
-
-    def _spooled_chunks(self) -> int:
-        assert self._ctx is not None
-        return self._ctx.spool.counters().get("spooled_chunks", 0)
+            reasons = await ctx.wait_for_work(remaining)
+            if reasons != {WAKE_DATA}:
+                return  # the time is up, the network came up, someone asked, or shutdown
 
     # --- the connected loop -------------------------------------------------------
 
@@ -704,7 +698,7 @@ class MqttUploader:
     def _poke(self) -> None:
         self._progress.set()
         if self._ctx is not None:
-            self._ctx.wake()
+            self._ctx.wake("progress")
 
     def _ours(self, client: Client) -> bool:
         """Callbacks act only for the live (or connecting) client, on the loop thread:

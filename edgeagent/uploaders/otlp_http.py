@@ -49,7 +49,7 @@ import zstandard
 from edgeagent import __version__
 from edgeagent.config import Config, ConfigError
 from edgeagent.otlp import DecodeError, iter_fields, split_request
-from edgeagent.pipeline import UploaderContext
+from edgeagent.pipeline import WAKE_DATA, UploaderContext
 from edgeagent.spool import StoredChunk
 from edgeagent.uploaders import Backoff
 
@@ -363,16 +363,13 @@ class OtlpHttpUploader:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + delay
         # Wakes from before the failure are answered by the attempt that just failed.
-        ctx.wake_event.clear()
+        ctx.discard_wakes()
         while not self._stopping:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return
-            chunks_before = ctx.spool.chunk_count
-            woken = await ctx.wait_for_work(remaining)
-            # The batcher wakes the uploader right after committing, so a wake with no
-            # new chunk in the spool came from elsewhere.
-            if woken and not server_asked and ctx.spool.chunk_count <= chunks_before:
+            reasons = await ctx.wait_for_work(remaining)
+            if reasons - {WAKE_DATA} and not server_asked:
                 return
 
     # --- choosing what to send ----------------------------------------------------
@@ -626,7 +623,7 @@ class OtlpHttpUploader:
         then stop; chunks not acknowledged stay in the spool for the next start."""
         self._stopping = True
         if self._ctx is not None:
-            self._ctx.wake()
+            self._ctx.wake("stop")
         if self._idle.is_set():
             return
         try:
