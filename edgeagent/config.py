@@ -133,7 +133,7 @@ class SpoolConfig:
     journal: str = field(default="auto", metadata=_choice("auto", "wal", "exclusive", "rollback"))
     flush_interval: float = field(default=1.0, metadata=DURATION)
     chunk_max_records: int = 20000
-    chunk_max_bytes: int = field(default=512 * 1024, metadata=SIZE)
+    chunk_max_bytes: int = field(default=256 * 1024, metadata=SIZE)
     dead_letters_max: int = field(default=4 * 1024**2, metadata=SIZE)
 
 
