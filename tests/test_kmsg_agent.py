@@ -4,15 +4,13 @@ exactly once with the mapped severity."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import KMSG, PRINTK_DEVKMSG, spool_records, wait_for, write_kmsg
+from conftest import spool_records, wait_for, write_kmsg
 
 SEVERITY = {0: 21, 1: 21, 2: 21, 3: 17, 4: 13, 5: 10, 6: 9, 7: 5}
 
@@ -26,16 +24,6 @@ flush_interval = "200ms"
 [upload]
 to = "none"
 """
-
-
-def devkmsg() -> Iterator[None]:
-    """Lets every userspace write into the ring buffer; restored afterwards."""
-    if os.geteuid() != 0 or not KMSG.exists():
-        pytest.skip("needs root and the real /dev/kmsg")
-    old = PRINTK_DEVKMSG.read_text().strip()
-    PRINTK_DEVKMSG.write_text("on\n")
-    yield
-    PRINTK_DEVKMSG.write_text(old + "\n")
 
 
 def marked(state_dir: Path, mark: str) -> list[dict[str, Any]]:

@@ -19,13 +19,13 @@ import shutil
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import zstandard
-from conftest import KMSG, PRINTK_DEVKMSG, write_kmsg
+from conftest import KMSG, write_kmsg
 
 from edgeagent import clock
 from edgeagent.clock import ClockState
@@ -36,17 +36,6 @@ from edgeagent.sources.kmsg import PREVIOUS_BOOT_KEY, KmsgSource, sequence_of
 from edgeagent.spool import Spool
 
 needs_kmsg = pytest.mark.skipif(os.geteuid() != 0 or not KMSG.exists(), reason="needs root and the real /dev/kmsg")
-
-
-def devkmsg() -> Iterator[None]:
-    """Lets every userspace write into the ring buffer (the default
-    "ratelimit" silently drops most of a test's lines); restored afterwards."""
-    if os.geteuid() != 0 or not KMSG.exists():
-        pytest.skip("needs root and the real /dev/kmsg")
-    old = PRINTK_DEVKMSG.read_text().strip()
-    PRINTK_DEVKMSG.write_text("on\n")
-    yield
-    PRINTK_DEVKMSG.write_text(old + "\n")
 
 
 def newest_sequence() -> int:
