@@ -10,6 +10,7 @@ config kept); SIGUSR1 wakes the uploader (`edgeagent wake`, OpenWrt hotplug).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -249,7 +250,7 @@ class Agent:
             log.error(
                 "reload: state_dir cannot change while running (restart the agent); keeping %s", self.config.state_dir
             )
-            new = _with_state_dir(new, self.config.state_dir)
+            new = dataclasses.replace(new, state_dir=self.config.state_dir)
         try:
             # Built before the running ones stop: a config that parses but
             # cannot be used (an unreadable CA file) is refused as a whole.
@@ -299,12 +300,6 @@ def _safe_status(component: Any) -> dict[str, Any]:
         return dict(component.status())
     except Exception as e:
         return {"state": "error", "error": f"status() failed: {e}"}
-
-
-def _with_state_dir(config: Config, state_dir: Path) -> Config:
-    import dataclasses
-
-    return dataclasses.replace(config, state_dir=state_dir)
 
 
 def _configure_logging(level: str) -> None:

@@ -150,7 +150,7 @@ def _read_status(cfg: Any) -> dict[str, Any]:
         backlog["oldest_age_s"] = round(time.time() - backlog["oldest_ns"] / 1e9, 3) if backlog["oldest_ns"] else None
         out["backlog"] = backlog
         out["counters"] = spool.counters()
-        out["dead_letters"] = len(spool.dead_letters(limit=10**6))
+        out["dead_letters"] = spool.dead_letter_count()
         out["files"] = spool.file_sizes()
     finally:
         spool.close()

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -250,14 +249,11 @@ class SourceContext:
         self.config = config
 
     def positions(self, prefix: str) -> dict[str, str]:
-        """Stored positions whose key starts with `prefix`, as of the last commit."""
-        return self._spool.positions(prefix)
-
-    def flush(self) -> None:
-        """Commit what is pending now, so `positions()` is current (a source
-        restarted by the supervisor must not resume behind records it
-        already handed over)."""
+        """Stored positions whose key starts with `prefix`. Pending batches are
+        committed first: a source restarted by the supervisor must not resume
+        behind records it already handed over (they would be read twice)."""
         self._batcher.flush()
+        return self._spool.positions(prefix)
 
     def forget_positions(self, keys: list[str]) -> None:
         """Drop positions of streams that are gone for good (after pending
@@ -367,7 +363,3 @@ class UploaderContext:
         self.spool.replace_payload(chunk.id, payload)
         log.info("chunk %s: wall times corrected by %.3f s after the clock was synced", chunk.chunk_id, delta / 1e9)
         return payload
-
-
-def now_ns() -> int:
-    return time.time_ns()

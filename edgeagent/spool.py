@@ -679,6 +679,9 @@ class Spool:
         keys = ("id", "chunk_id", "created_ns", "rejected_ns", "reason", "records", "bytes")
         return [dict(zip(keys, r, strict=False)) for r in rows]
 
+    def dead_letter_count(self) -> int:
+        return self._conn.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
+
     def dead_letter_payloads(self) -> list[tuple[str, bytes]]:
         return self._conn.execute("SELECT chunk_id, payload FROM dead_letters ORDER BY id").fetchall()
 

@@ -431,9 +431,6 @@ class FileSource:
     def _restore(self) -> None:
         """Reopen every file behind a stored position, wherever rotation moved it."""
         ctx = self._require_ctx()
-        # Commit what is pending first: after the supervisor restarts this source,
-        # positions read back must not lag behind lines already handed over.
-        ctx.flush()
         ctx.forget_positions(list(dict.fromkeys(self._forget)))
         self._forget = []
         self._markers = set(ctx.positions(SECTION_PREFIX))
