@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -291,6 +292,8 @@ class UploaderContext:
         self.wake_event = asyncio.Event()
         self._reasons: set[str] = set()
         self._on_loss = on_loss
+        self.credentials_error: str | None = None
+        self.credentials_error_since: float | None = None
 
     def reject(self, ids: list[int], reason: str) -> int:
         """Move chunks the receiver refused for good to dead letters, and ship
@@ -300,6 +303,28 @@ class UploaderContext:
         if moved:
             self._report_loss("rejected", records, moved, reason)
         return moved
+
+    def credentials_refused(self, reason: str) -> None:
+        """The receiver refused who we are, not what we sent (HTTP 401/403/407,
+        MQTT "not authorized"): the data is fine and the configuration is not.
+        Nothing is dead-lettered: the uploader keeps the chunks and retries
+        with its backoff until the credentials are fixed; `status` shows the
+        error. Logged once per distinct reason, not on every retry."""
+        if reason != self.credentials_error:
+            log.error("the receiver refused the credentials (%s); keeping the data and retrying with backoff", reason)
+        if self.credentials_error is None:
+            self.credentials_error_since = time.time()
+        self.credentials_error = reason
+
+    def credentials_accepted(self) -> None:
+        """The receiver took a delivery: a credentials problem is over."""
+        if self.credentials_error is not None:
+            log.info("the receiver accepts the credentials again")
+        self.credentials_error = self.credentials_error_since = None
+
+    def credentials_status(self) -> dict[str, Any]:
+        """For the uploader's `status()`: the credentials problem in force, if any."""
+        return {"credentials_error": self.credentials_error, "credentials_error_since": self.credentials_error_since}
 
     def report_rejected(self, records: int, reason: str) -> None:
         """The receiver accepted a request but dropped `records` of it (OTLP

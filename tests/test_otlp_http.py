@@ -282,6 +282,34 @@ def test_permanent_error_dead_letters_only_that_chunk(tmp_path: Path, server: Ot
     h.close()
 
 
+@pytest.mark.parametrize("status", [401, 403, 407])
+def test_refused_credentials_keep_the_backlog_and_retry(tmp_path: Path, server: OtlpServer, status: int) -> None:
+    """An expired token is a configuration problem, not bad data: the chunks stay,
+    the uploader retries with backoff, status names the problem until it is fixed."""
+    h = Harness(tmp_path, server.url)
+    hold = threading.Event()
+    server.answer(Answer(status, b"token expired"), Answer(status, b"token expired"), Answer(status, hold=hold))
+
+    async def test() -> None:
+        first = h.add_lines(["one", "two"])
+        h.start()
+        await until(lambda: server.count() >= 2, "a retry after the refusal")
+        st = h.uploader.status()
+        assert f"HTTP {status}" in st["credentials_error"] and "token expired" in st["credentials_error"]
+        assert st["credentials_error_since"] is not None
+        assert h.spool.dead_letters() == [] and h.chunk_ids() == [first]
+        hold.set()
+        await until(lambda: h.spool.chunk_count == 0, "delivery once the credentials are fixed")
+        await h.stop()
+        assert server.delivered == {first: ["one", "two"]}
+
+    run(test)
+    st = h.uploader.status()
+    assert st["credentials_error"] is None and st["rejected_chunks"] == 0 and st["failed_requests"] == 3
+    assert h.spool.counters().get("dead_letter_chunks", 0) == 0
+    h.close()
+
+
 @pytest.mark.parametrize("status", [429, 502, 503, 504, 500])
 def test_retryable_errors_keep_the_chunk_and_retry(tmp_path: Path, server: OtlpServer, status: int) -> None:
     h = Harness(tmp_path, server.url)

@@ -72,6 +72,8 @@ _RESPONSE_MAX_LINES = 100
 _EXCERPT = 300
 # OTLP/HTTP retryable answers, plus 408 (the server gave up waiting for our request: transient).
 _RETRYABLE = frozenset({408, 429, 502, 503, 504})
+# "Fix the credentials", not "the data is bad": retried with backoff, never dead-lettered.
+_CREDENTIALS = frozenset({401, 403, 407})
 _RESERVED_HEADERS = frozenset(
     {"host", "content-length", "content-type", "content-encoding", "transfer-encoding", "connection"}
     | {CHUNK_ID_HEADER.lower()}
@@ -287,6 +289,10 @@ class OtlpHttpUploader:
             self._delivered(ctx, request, response)
         elif status == 413:
             self._too_large(ctx, request, response)
+        elif status in _CREDENTIALS:
+            what = f"HTTP {status} {response.reason}: {_excerpt(response)} (check otlp_http.headers)"
+            ctx.credentials_refused(what)
+            await self._retry_later(ctx, what, parse_retry_after(response.headers.get("retry-after")))
         elif 400 <= status < 500 and status not in _RETRYABLE:
             reason = f"HTTP {status} {response.reason} from {self._endpoint}: {_excerpt(response)}"
             self._note_error(reason)
@@ -302,6 +308,7 @@ class OtlpHttpUploader:
 
     def _delivered(self, ctx: UploaderContext, request: _Request, response: _Response) -> None:
         acked = ctx.spool.ack([c.id for c in request.chunks])
+        ctx.credentials_accepted()
         self._counters["acked_chunks"] += acked
         self._counters["acked_records"] += request.records
         self._backoff.succeeded()
@@ -664,6 +671,7 @@ class OtlpHttpUploader:
             "next_attempt_at": _round(self._next_attempt_at),
             "failures_in_a_row": self._backoff.failures,
             "max_request_size": self._learned_limit,
+            **(self._ctx.credentials_status() if self._ctx is not None else {}),
             **self._counters,
         }
 
