@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     dump = with_config(spool_commands.add_parser("dump", help="decode spooled chunks to JSON lines"))
     dump.add_argument("--dead-letters", action="store_true", help="dump the dead letters instead")
     dump.add_argument("--limit", type=int, default=0, help="at most this many chunks")
+    from edgeagent.fleet.arguments import add_fleet_commands
+
+    add_fleet_commands(commands)
     return parser
 
 
@@ -71,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_wake(args)
         if args.command == "spool" and args.spool_command == "dump":
             return cmd_spool_dump(args)
+        if args.command == "fleet":
+            from edgeagent.fleet import operator
+
+            return operator.main(args)
         parser.print_help()
         return EXIT_CONFIG
     except CliError as e:

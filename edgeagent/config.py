@@ -180,6 +180,25 @@ class OtlpHttpConfig:
     tls_insecure: bool = False
 
 
+DEFAULT_FLEET_ALLOW = ("log_level", "kmsg", "files", "spool.flush_interval", "upload.max_rate")
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    """Remote config over MQTT (edgeagent/fleet/). Never remotely settable itself."""
+
+    enabled: bool = False
+    groups: tuple[str, ...] = ()
+    trusted_keys: tuple[str, ...] = ()  # Ed25519 public key files; when set, only signed configs are accepted
+    allow: tuple[str, ...] = DEFAULT_FLEET_ALLOW  # what remote config may set: "section" or "section.key"
+    allowed_paths: tuple[str, ...] = ()  # globs that remote [[files]] includes must stay within
+    probation: float = field(default=120.0, metadata=DURATION)
+    probation_always: bool = False  # every apply on probation, not only those touching connectivity
+    desired_topic: str = "edgeagent/{device_id}/config/desired"
+    group_topic: str = "edgeagent/group/{group}/config/desired"
+    status_topic: str = "edgeagent/{device_id}/config/status"
+
+
 @dataclass(frozen=True)
 class Config:
     device_id: str = ""
@@ -192,6 +211,7 @@ class Config:
     upload: UploadConfig = field(default_factory=UploadConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     otlp_http: OtlpHttpConfig = field(default_factory=OtlpHttpConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
     source_path: str = field(default="", metadata={"internal": True})
 
     @property
@@ -215,6 +235,17 @@ def _to_plain(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return obj
+
+
+SECTION_TYPES: dict[str, type] = {
+    "kmsg": KmsgConfig,
+    "files": FilesConfig,
+    "spool": SpoolConfig,
+    "upload": UploadConfig,
+    "mqtt": MqttConfig,
+    "otlp_http": OtlpHttpConfig,
+    "fleet": FleetConfig,
+}
 
 
 # --- loading --------------------------------------------------------------------
@@ -281,7 +312,8 @@ def _resolve_paths(config: Config, base: Path) -> Config:
         dataclasses.replace(f, include=tuple(map(absolute, f.include)), exclude=tuple(map(absolute, f.exclude)))
         for f in config.files
     )
-    return dataclasses.replace(config, state_dir=Path(absolute(str(config.state_dir))), files=files)
+    fleet = dataclasses.replace(config.fleet, trusted_keys=tuple(map(absolute, config.fleet.trusted_keys)))
+    return dataclasses.replace(config, state_dir=Path(absolute(str(config.state_dir))), files=files, fleet=fleet)
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -312,6 +344,33 @@ def _check_cross_fields(config: Config, loader: _Loader) -> None:
         for pattern in files.include:
             if not pattern.startswith("/"):
                 loader.fail(f"files[{i}].include", pattern, "absolute path patterns")
+    _check_fleet(config.fleet, loader)
+
+
+_TOPIC_LEVEL_RE = re.compile(r"^[^#+\x00/]+$")
+
+
+def _check_fleet(fleet: FleetConfig, loader: _Loader) -> None:
+    for group in fleet.groups:
+        if not _TOPIC_LEVEL_RE.match(group):
+            loader.fail("fleet.groups", group, "group names usable as one MQTT topic level (no '/', '+', '#')")
+    for name in ("desired_topic", "group_topic", "status_topic"):
+        topic = getattr(fleet, name)
+        if not topic or "+" in topic or "#" in topic:
+            loader.fail(f"fleet.{name}", topic, "an exact MQTT topic (no wildcards '+' or '#')")
+    if "{group}" not in fleet.group_topic:
+        loader.fail("fleet.group_topic", fleet.group_topic, "a topic containing {group}")
+    known = {f.name: f.type for f in dataclasses.fields(Config) if not f.metadata.get("internal")}
+    for entry in fleet.allow:
+        section, _, key = entry.partition(".")
+        sub = SECTION_TYPES.get(section)
+        if section not in known or (key and (sub is None or key not in {f.name for f in dataclasses.fields(sub)})):
+            loader.fail("fleet.allow", entry, "names of config sections or keys, like 'kmsg' or 'spool.flush_interval'")
+    for pattern in fleet.allowed_paths:
+        if not pattern.startswith("/"):
+            loader.fail("fleet.allowed_paths", pattern, "absolute path patterns")
+    if fleet.probation <= 0:
+        loader.fail("fleet.probation", fleet.probation, "a duration above zero")
 
 
 class _Loader:
