@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from edgeagent import __version__, clock
+from edgeagent import __version__, clock, redact
 from edgeagent import config as config_mod
 from edgeagent.config import Config, ConfigError
 from edgeagent.otlp import ChunkEncoder
@@ -88,6 +88,8 @@ def build_components(config: Config) -> tuple[list[Source], Uploader | None]:
     from edgeagent.sources import build_sources
     from edgeagent.uploaders import build_uploader
 
+    if config.upload.to == "mqtt":
+        config_mod.check_mqtt_files(config)
     return build_sources(config), build_uploader(config)
 
 
@@ -106,6 +108,8 @@ class Agent:
         self._batcher: Batcher | None = None
         self._errors: dict[str, str] = {}
         self._last_status = ""
+        self._component_status: dict[str, Any] = {"sources": {}, "uploader": {"to": "none"}}
+        self._redactor = redact.install(config)
         self._heap = _Heap()
 
     async def run(self) -> int:
@@ -115,6 +119,7 @@ class Agent:
             (signal.SIGINT, self._stop.set),
             (signal.SIGHUP, self._reload.set),
             (signal.SIGUSR1, lambda: self._wake(WAKE_ASKED)),
+            (signal.SIGUSR2, lambda: self._write_status("running", force=True)),  # `edgeagent status` asks
         ):
             loop.add_signal_handler(sig, handler)
         self.spool = Spool.open(
@@ -228,6 +233,7 @@ class Agent:
                 )
             except Exception:
                 log.exception("uploader did not drain cleanly; unacknowledged chunks stay in the spool")
+        self._snapshot_components()  # `status` after a stop shows the last known states
         rest = [t for t in self._tasks if t not in source_tasks]
         for task in rest:
             task.cancel()
@@ -266,11 +272,23 @@ class Agent:
         self.config = new
         self._errors.pop("config", None)
         _configure_logging(new.log_level)
+        redact.install(new, self._redactor)
         self._start_components(components)
 
-    def _write_status(self, state: str) -> None:
+    def _snapshot_components(self) -> None:
+        if self._sources or self._uploader is not None:
+            self._component_status = {
+                "sources": {s.name: _safe_status(s) for s in self._sources},
+                "uploader": _safe_status(self._uploader) if self._uploader is not None else {"to": "none"},
+            }
+
+    def _write_status(self, state: str, force: bool = False) -> None:
+        """Store the status `edgeagent status` shows, when it changed (or when
+        `force`d: the CLI asked for a fresh one with SIGUSR2). Secrets are
+        redacted; `updated` says how old it is."""
         if self.spool is None:
             return
+        self._snapshot_components()
         status = {
             "agent": {
                 "state": state,
@@ -281,13 +299,15 @@ class Agent:
                 "boot_id": self.boot_id,
                 "config": self.config.source_path,
                 "errors": self._errors,
+                "refresh_signal": "SIGUSR2",
             },
-            "sources": {s.name: _safe_status(s) for s in self._sources},
-            "uploader": _safe_status(self._uploader) if self._uploader is not None else {"to": "none"},
+            **self._component_status,
         }
-        text = json.dumps(status, sort_keys=True)
-        if text == self._last_status:
+        text = json.dumps(status, sort_keys=True, default=str)
+        if text == self._last_status and not force:
             return
+        status = self._redactor.data(json.loads(text))
+        status["agent"]["updated"] = time.time()
         try:
             self.spool.set_status(status)
             self._last_status = text

@@ -179,41 +179,110 @@ def _alive(pid: Any) -> bool:
     return True
 
 
+def _fresh_status(cfg: Any) -> dict[str, Any]:
+    """The status, asking a running agent to store a fresh one first (SIGUSR2,
+    only to agents that announce it: an older agent would die of it); waits at
+    most a second, then shows what is stored, with its age."""
+    status = _read_status(cfg)
+    agent = status.get("agent", {})
+    if agent.get("refresh_signal") != "SIGUSR2" or agent.get("state") != "running" or not _alive(agent.get("pid")):
+        return status
+    before = agent.get("updated")
+    try:
+        os.kill(agent["pid"], signal.SIGUSR2)
+    except OSError:
+        return status
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        fresh = _read_status(cfg)
+        if fresh.get("agent", {}).get("updated") != before:
+            return fresh
+    return status
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     cfg = _load_config(args)
-    status = _read_status(cfg)
+    status = _fresh_status(cfg)
+    agent = status["agent"]
+    if isinstance(agent.get("updated"), (int, float)):
+        agent["age_s"] = round(max(time.time() - agent["updated"], 0.0), 3)
     if args.json:
         json.dump(status, sys.stdout, indent=2, sort_keys=True)
         sys.stdout.write("\n")
         return 0
+    print("\n".join(_status_lines(status)))
+    return 0
+
+
+def _status_lines(status: dict[str, Any]) -> list[str]:
     agent = status["agent"]
     backlog = status["backlog"]
+    state = str(agent.get("state"))
+    if "pid" in agent:
+        state += f" (pid {agent['pid']}, version {agent.get('version')}"
+        state += f", started {_when(agent['started'])})" if "started" in agent else ")"
+    if "updated" in agent:
+        state += f"; as of {_when(agent['updated'])}"
     lines = [
-        f"agent:     {agent.get('state')}"
-        + (f" (pid {agent['pid']}, version {agent.get('version')})" if "pid" in agent else ""),
+        f"agent:     {state}",
         f"spool:     {status['spool']}",
         f"backlog:   {backlog['chunks']} chunks, {backlog['records']} records, {backlog['bytes']} bytes"
-        + (f", oldest {backlog['oldest_age_s']:.0f} s ago" if backlog.get("oldest_age_s") is not None else ""),
+        + (f", oldest {_age(backlog['oldest_age_s'])} old" if backlog.get("oldest_age_s") is not None else ""),
     ]
     uploader = status.get("uploader") or {}
     if uploader:
-        lines.append(
-            "uploader:  " + ", ".join(f"{k}={v}" for k, v in sorted(uploader.items()) if not isinstance(v, dict))
-        )
+        lines.append("uploader:  " + _fields(uploader))
     for name, src in sorted((status.get("sources") or {}).items()):
-        lines.append(
-            f"source {name}: "
-            + ", ".join(f"{k}={v}" for k, v in sorted(src.items()) if not isinstance(v, (dict, list)))
-        )
+        lines.append(f"source {name}: " + _fields(src))
     counters = status.get("counters") or {}
     if counters:
         lines.append("counters:  " + ", ".join(f"{k}={v}" for k, v in sorted(counters.items())))
     lines.append(f"dead letters: {status['dead_letters']}")
-    errors = agent.get("errors") or {}
-    for name, error in sorted(errors.items()):
+    for name, error in sorted((agent.get("errors") or {}).items()):
         lines.append(f"error in {name}: {error}")
-    print("\n".join(lines))
-    return 0
+    return lines
+
+
+# Status fields holding a Unix time (seconds), shown as a date and an age.
+_TIME_KEYS = ("since", "started", "updated")
+
+
+def _fields(values: dict[str, Any]) -> str:
+    shown = []
+    for key, value in sorted(values.items()):
+        if isinstance(value, (dict, list)):
+            continue  # details are in --json
+        if value is None:
+            text = "-"
+        elif isinstance(value, bool):
+            text = "yes" if value else "no"
+        elif isinstance(value, (int, float)) and (key in _TIME_KEYS or key.endswith("_at")) and value > 1e8:
+            text = _when(value)
+        elif isinstance(value, float):
+            text = f"{value:g}"
+        else:
+            text = str(value)
+        shown.append(f"{key}={text}")
+    return ", ".join(shown)
+
+
+def _when(unix: float) -> str:
+    """'2026-11-30 01:02:03 UTC (5m ago)' or '(in 30s)' for times ahead."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(unix))
+    delta = time.time() - unix
+    return f"{stamp} ({_age(delta)} ago)" if delta >= 0 else f"{stamp} (in {_age(-delta)})"
+
+
+def _age(seconds: float) -> str:
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
 def cmd_wake(args: argparse.Namespace) -> int:

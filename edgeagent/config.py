@@ -91,6 +91,10 @@ def _choice(*choices: str) -> dict[str, Any]:
     return {"kind": "choice", "choices": choices}
 
 
+# A secret's value never appears in output: check-config, errors, logs, status.
+SECRET = {"secret": True}
+REDACTED = "<redacted>"
+
 DURATION = {"kind": "duration"}
 SIZE = {"kind": "size"}
 PRIORITY = {"kind": "priority"}
@@ -154,8 +158,8 @@ class MqttConfig:
     status_topic: str = "edgeagent/{device_id}/status"
     client_id: str = ""  # default: device_id
     username: str = ""
-    password: str = ""
-    password_file: str = ""
+    password: str = field(default="", metadata=SECRET)
+    password_file: str = ""  # its content is a secret too (see secret_values)
     protocol: str = field(default="5", metadata=_choice("5", "3.1.1"))
     keepalive: float = field(default=60.0, metadata=DURATION)
     connect_timeout: float = field(default=10.0, metadata=DURATION)
@@ -170,7 +174,7 @@ class MqttConfig:
 class OtlpHttpConfig:
     endpoint: str = "http://127.0.0.1:4318/v1/logs"
     compression: str = field(default="zstd", metadata=_choice("zstd", "gzip", "none"))
-    headers: dict[str, str] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict, metadata=SECRET)  # values may be tokens
     timeout: float = field(default=30.0, metadata=DURATION)
     connect_timeout: float = field(default=10.0, metadata=DURATION)
     max_request_size: int = field(default=4 * 1024**2, metadata=SIZE)
@@ -218,22 +222,27 @@ class Config:
     def spool_path(self) -> Path:
         return self.state_dir / "spool.db"
 
-    def to_dict(self) -> dict[str, Any]:
-        """The effective configuration, as TOML-ready plain data."""
-        return _to_plain(self)
+    def to_dict(self, redact: bool = True) -> dict[str, Any]:
+        """The effective configuration, as TOML-ready plain data; secret values
+        are replaced by REDACTED unless `redact` is false."""
+        return _to_plain(self, redact)
 
 
-def _to_plain(obj: Any) -> Any:
+def _to_plain(obj: Any, redact: bool, secret: bool = False) -> Any:
     if dataclasses.is_dataclass(obj):
         return {
-            f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj) if not f.metadata.get("internal")
+            f.name: _to_plain(getattr(obj, f.name), redact, bool(f.metadata.get("secret")))
+            for f in dataclasses.fields(obj)
+            if not f.metadata.get("internal")
         }
     if isinstance(obj, tuple):
-        return [_to_plain(x) for x in obj]
+        return [_to_plain(x, redact, secret) for x in obj]
     if isinstance(obj, dict):
-        return {k: _to_plain(v) for k, v in obj.items()}
+        return {k: _to_plain(v, redact, secret) for k, v in obj.items()}
     if isinstance(obj, Path):
         return str(obj)
+    if secret and redact and obj:
+        return REDACTED
     return obj
 
 
@@ -246,6 +255,92 @@ SECTION_TYPES: dict[str, type] = {
     "otlp_http": OtlpHttpConfig,
     "fleet": FleetConfig,
 }
+
+
+def secret_values(config: Config) -> set[str]:
+    """Every secret the config holds, for redacting output: the values of
+    fields marked SECRET and the content of `mqtt.password_file`. Values
+    shorter than 4 characters are left out: redacting them would mangle every
+    log line that happens to contain those letters."""
+    found: set[str] = set()
+
+    def walk(obj: Any, secret: bool) -> None:
+        if dataclasses.is_dataclass(obj):
+            for f in dataclasses.fields(obj):
+                walk(getattr(obj, f.name), secret or bool(f.metadata.get("secret")))
+        elif isinstance(obj, (tuple, list)):
+            for item in obj:
+                walk(item, secret)
+        elif isinstance(obj, dict):
+            for item in obj.values():
+                walk(item, secret)
+        elif secret and isinstance(obj, str):
+            found.add(obj)
+            # "Bearer abc" is often echoed as just "abc" by a receiver.
+            found.update(part for part in obj.split() if part != obj)
+
+    walk(config, False)
+    if config.mqtt.password_file:
+        try:
+            found.add(Path(config.mqtt.password_file).read_text(encoding="utf-8").rstrip("\r\n"))
+        except (OSError, UnicodeDecodeError):
+            pass
+    return {value for value in found if len(value) >= 4}
+
+
+# --- URLs -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Address:
+    """Where a URL points: scheme, host (an IPv6 literal without brackets),
+    port (the scheme's default when the URL has none), path."""
+
+    scheme: str
+    host: str
+    port: int
+    path: str
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme in ("mqtts", "https")
+
+
+_DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883, "http": 80, "https": 443}
+
+
+def display_url(url: str) -> str:
+    """`url` with any password in it replaced, fit for errors and logs."""
+    return re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)([^/@]*)@", lambda m: m.group(1) + REDACTED + "@", url)
+
+
+def parse_url(url: str, schemes: tuple[str, ...], with_path: bool) -> Address:
+    """Parse and check a broker or collector URL. Raises ValueError saying what
+    was expected. Credentials in URLs are refused: they would be shown in every
+    error, log line and status (use the username/password or headers keys)."""
+    from urllib.parse import urlsplit
+
+    shape = " or ".join(f"{s}://HOST[:PORT]{'[/PATH]' if with_path else ''}" for s in schemes)
+    if not isinstance(url, str) or any(c.isspace() for c in url):
+        raise ValueError(shape)
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        detail = "a port number between 1 and 65535" if "port" in str(e).lower() else shape
+        raise ValueError(detail) from None
+    if parts.scheme not in schemes or not parts.hostname:
+        raise ValueError(shape)
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"{shape} without credentials (they belong in the username/password or headers keys)")
+    if port == 0:
+        raise ValueError("a port number between 1 and 65535")
+    if not with_path and (parts.path not in ("", "/") or parts.query or parts.fragment):
+        raise ValueError(f"{shape} (no path, query or fragment)")
+    if parts.fragment:
+        raise ValueError(f"{shape} (no fragment)")
+    path = parts.path + (f"?{parts.query}" if parts.query else "")
+    return Address(parts.scheme, parts.hostname, port or _DEFAULT_PORTS[parts.scheme], path)
 
 
 # --- loading --------------------------------------------------------------------
@@ -333,11 +428,15 @@ def _check_cross_fields(config: Config, loader: _Loader) -> None:
         loader.fail("spool.chunk_max_records", config.spool.chunk_max_records, "at least 1")
     if config.spool.max_size < 1024 * 1024:
         loader.fail("spool.max_size", config.spool.max_size, "at least 1MiB")
-    url = config.mqtt.url
-    if config.upload.to == "mqtt" and not re.match(r"^mqtts?://[^/:]+(:\d+)?/?$", url):
-        loader.fail("mqtt.url", url, "mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
-    if config.upload.to == "otlp_http" and not re.match(r"^https?://", config.otlp_http.endpoint):
-        loader.fail("otlp_http.endpoint", config.otlp_http.endpoint, "an http:// or https:// URL")
+    # [mqtt] is the one connection for logs and fleet config: checked whatever upload.to says.
+    for key, url, schemes, with_path in (
+        ("mqtt.url", config.mqtt.url, ("mqtt", "mqtts"), False),
+        ("otlp_http.endpoint", config.otlp_http.endpoint, ("http", "https"), True),
+    ):
+        try:
+            parse_url(url, schemes, with_path)
+        except ValueError as e:
+            loader.fail(key, display_url(url), str(e))
     for i, files in enumerate(config.files):
         if not files.include:
             loader.fail(f"files[{i}].include", [], "at least one glob pattern")
@@ -377,11 +476,14 @@ class _Loader:
     def __init__(self, source: str, text: str) -> None:
         self.source = source
         self.lines = text.splitlines()
+        self._secret_keys: set[str] = set()
 
     def fail(self, key: str, value: Any, expected: str) -> typing.NoReturn:
         where = self._line_of(key)
         at = f":{where}" if where else ""
-        raise ConfigError(f"{self.source}{at}: {key} = {value!r}: expected {expected}")
+        secret = any(key == k or key.startswith(k + ".") for k in self._secret_keys)
+        shown = REDACTED if secret else repr(value)
+        raise ConfigError(f"{self.source}{at}: {key} = {shown}: expected {expected}")
 
     def _line_of(self, dotted: str) -> int | None:
         """Best-effort line number of a key: the first `name =` after its table header."""
@@ -397,6 +499,8 @@ class _Loader:
                 continue
             if in_table and re.match(rf'^"?{re.escape(leaf)}"?\s*=', stripped):
                 return number
+        if "." in dotted:  # a key inside an inline table: the line of the table's key
+            return self._line_of(dotted.rsplit(".", 1)[0])
         return None
 
     def section(self, cls: type, data: Any, prefix: str) -> Any:
@@ -422,6 +526,8 @@ class _Loader:
 
     def value(self, hint: Any, meta: Any, raw: Any, key: str) -> Any:
         kind = meta.get("kind")
+        if meta.get("secret"):
+            self._secret_keys.add(key)
         try:
             if kind == "duration":
                 return parse_duration(raw)
@@ -485,3 +591,63 @@ class _Loader:
         if isinstance(hint, types.UnionType):  # pragma: no cover - no unions in sections yet
             return raw
         raise ConfigError(f"{self.source}: internal: no converter for {key} ({hint})")
+
+
+# --- checks that need the files a config names ----------------------------------------------------
+
+
+def error_at(config: Config, key: str, value: Any, expected: str) -> ConfigError:
+    """A ConfigError naming `key` at its line in the config file, like parse errors do."""
+    try:
+        text = Path(config.source_path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        text = ""
+    try:
+        _Loader(config.source_path, text).fail(key, value, expected)
+    except ConfigError as e:
+        return e
+
+
+def check_mqtt_files(config: Config) -> None:
+    """What parsing cannot see in [mqtt]: the password file and the TLS files
+    exist, can be read and hold what they should. Raises ConfigError."""
+    mqtt = config.mqtt
+    if mqtt.password and mqtt.password_file:
+        raise error_at(config, "mqtt.password_file", mqtt.password_file, "either mqtt.password or mqtt.password_file")
+    if mqtt.password_file:
+        try:
+            secret = Path(mqtt.password_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise error_at(config, "mqtt.password_file", mqtt.password_file, f"a readable file ({_why(e)})") from None
+        if not secret:
+            raise error_at(config, "mqtt.password_file", mqtt.password_file, "a file holding the password, not empty")
+    tls_files = {"ca_file": mqtt.ca_file, "cert_file": mqtt.cert_file, "key_file": mqtt.key_file}
+    address = parse_url(mqtt.url, ("mqtt", "mqtts"), False)
+    if not address.tls:
+        for name, path in tls_files.items():
+            if path:
+                raise error_at(
+                    config, f"mqtt.{name}", path, "mqtt.url to start with mqtts:// (TLS) when TLS files are set"
+                )
+        return
+    if mqtt.key_file and not mqtt.cert_file:
+        raise error_at(config, "mqtt.key_file", mqtt.key_file, "mqtt.cert_file as well (the client certificate)")
+    import ssl  # only here: ssl costs RAM, and most of the agent never needs it
+
+    try:
+        context = ssl.create_default_context(cafile=mqtt.ca_file or None)
+    except (OSError, ssl.SSLError) as e:
+        raise error_at(config, "mqtt.ca_file", mqtt.ca_file, f"a readable PEM file of CA certificates ({_why(e)})")
+    if mqtt.cert_file:
+        try:
+            context.load_cert_chain(mqtt.cert_file, mqtt.key_file or None)
+        except (OSError, ssl.SSLError) as e:
+            raise error_at(
+                config, "mqtt.cert_file", mqtt.cert_file, f"a readable client certificate matching its key ({_why(e)})"
+            )
+
+
+def _why(error: Exception) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return str(error) or type(error).__name__
