@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import re
 import ssl
 import threading
 import time
@@ -756,7 +757,7 @@ def test_configuration_errors_name_the_key(tmp_path: Path) -> None:
         text = f'state_dir = "{tmp_path}"\n[upload]\nto = "otlp_http"\n[otlp_http]\nendpoint = "{endpoint}"\n{otlp}\n'
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as error:
             OtlpHttpUploader(loads(text, "edge.toml"))
-        assert str(error.value).startswith("edge.toml: ")
+        assert re.match(r"edge\.toml(:\d+)?: ", str(error.value))  # the line where config parsing knows it
         if "headers" in key:
             assert "value not shown" in str(error.value) and "tøkén" not in str(error.value)
 
