@@ -5,7 +5,8 @@ requiring a client certificate). Every request is decoded the way a receiver
 would, with standard tools only (zstandard, gzip, opentelemetry-proto), and
 recorded. Answers come from a script (`answer(...)`), then the default (200):
 status and body, a delay, a hold until the test releases it, OTLP partial
-success, or a TCP reset instead of an answer.
+success, a TCP reset instead of an answer, or raw bytes (a hostile or broken
+server: garbage, huge or endless answers).
 
 Each chunk of edgeagent's is one ResourceLogs in a request, and the request's
 `X-Edgeagent-Chunk-Id` header lists the chunk ids in the same order, so the
@@ -21,6 +22,7 @@ import struct
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -49,6 +51,11 @@ class Answer:
     message: str = ""  # OTLP partial success: error_message
     close: bool = False  # send `Connection: close` and close after answering
     drop: bool = False  # close after answering without saying so (an idle timeout)
+    # A hostile or broken server: these bytes (or what this function writes to the socket)
+    # instead of an answer, then the connection is closed. `delivers`: the request counts as
+    # delivered (the receiver stored it before its answer went wrong).
+    raw: bytes | Callable[[socket.socket], None] | None = None
+    delivers: bool = False
 
 
 @dataclass
@@ -110,6 +117,9 @@ class _Handler(BaseHTTPRequestHandler):
             time.sleep(answer.delay)
         if answer.hold is not None:
             answer.hold.wait()
+        if answer.raw is not None and not owner.stopped:
+            self._answer_raw(answer, received)
+            return
         if answer.reset or owner.stopped:
             # SO_LINGER 0: close() sends RST, not FIN; the client sees "connection reset".
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -144,6 +154,18 @@ class _Handler(BaseHTTPRequestHandler):
                 owner.deliver(received)
         self.end_headers()
         self.wfile.write(body)
+
+    def _answer_raw(self, answer: Answer, received: Received | None) -> None:
+        if received is not None and answer.delivers:
+            self.server.owner.deliver(received)
+        try:
+            if callable(answer.raw):
+                answer.raw(self.connection)
+            elif answer.raw:
+                self.connection.sendall(answer.raw)
+        except OSError:
+            pass  # the client gave up on us: that is the point
+        self.close_connection = True
 
 
 def _decode_body(raw: bytes, encoding: str) -> bytes:

@@ -791,6 +791,25 @@ def test_parse_retry_after() -> None:
     assert parse_retry_after(None) is None
 
 
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("\u00b2", None),  # str.isdigit() accepts superscripts; float() refuses them
+        ("\u0663", None),  # Arabic-Indic three: a Unicode digit, not an HTTP one
+        ("\uff11\uff12", None),  # fullwidth digits
+        ("1e400", None),
+        ("99999999999999999999999", 24 * 3600.0),  # huge: the nearest safe meaning is "long"
+        ("Fri, 31 Dec 9999 23:59:59 GMT", 24 * 3600.0),
+        ("Mon, 01 Jan 0001 00:00:00 GMT", 0.0),
+        ("Mon, 99 Foo 2026 99:99:99 GMT", None),
+        ("x" * 10_000, None),
+        ("", None),
+    ],
+)
+def test_retry_after_nonsense_is_read_as_a_safe_value(value: str, expected: float | None) -> None:
+    assert parse_retry_after(value, now=1_800_000_000.0) == expected
+
+
 def test_parse_partial_success() -> None:
     from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
         ExportLogsPartialSuccess,
@@ -809,6 +828,34 @@ def test_parse_partial_success() -> None:
         "x",
     )
     assert parse_partial_success(b"\xff\xff\xff", "application/x-protobuf") == (0, "")
+
+
+@pytest.mark.parametrize(
+    ("body", "rejected"),
+    [
+        (b'{"partialSuccess":{"rejectedLogRecords":1e400}}', (1 << 63) - 1),  # inf: the nearest int64
+        (b'{"partialSuccess":{"rejectedLogRecords":-1e400}}', 0),
+        (b'{"partialSuccess":{"rejectedLogRecords":NaN}}', 0),
+        (b'{"partialSuccess":{"rejectedLogRecords":"99999999999999999999999999"}}', (1 << 63) - 1),
+        (b'{"partialSuccess":{"rejectedLogRecords":"\\u00b2"}}', 0),
+        (b'{"partialSuccess":{"rejectedLogRecords":-3}}', 0),
+        (b'{"partialSuccess":{"rejectedLogRecords":true}}', 0),
+        (b'{"partialSuccess":{"rejectedLogRecords":[1]}}', 0),
+        (b'{"partialSuccess":[]}', 0),
+        (b"[]", 0),
+        (b"[" * 100_000 + b"]" * 100_000, 0),  # nesting deep enough to overflow the recursion limit
+        (b'{"partialSuccess":{"rejectedLogRecords":4.0,"errorMessage":{"a":1}}}', 4),
+    ],
+)
+def test_partial_success_nonsense_never_raises(body: bytes, rejected: int) -> None:
+    assert parse_partial_success(body, "application/json")[0] == rejected
+
+
+def test_partial_success_protobuf_is_bounded_and_printable() -> None:
+    # rejected_log_records = -1 (ten-byte varint), error_message with control characters
+    message = b"\x1b[2Jfake log line\nERROR"
+    inner = b"\x08" + b"\xff" * 9 + b"\x01" + b"\x12" + bytes([len(message)]) + message
+    assert parse_partial_success(b"\x0a" + bytes([len(inner)]) + inner) == (0, "?[2Jfake log line?ERROR")
 
 
 def test_count_records_matches_the_decoder() -> None:

@@ -19,7 +19,12 @@ The HTTP/1.1 client is a minimal one on asyncio streams rather than
 - no thread, no extra stack, nothing the one-loop concurrency model has to
   make an exception for. The client needs only what an OTLP exchange uses: one
   POST with a known length; responses with Content-Length, chunked or
-  close-delimited bodies; 1xx interim answers; keep-alive.
+  close-delimited bodies; 1xx interim answers; keep-alive. The response side
+  (`http11`) reads an untrusted server strictly and within fixed bounds.
+
+Every field read from an answer is parsed with explicit ranges; nonsense is
+logged and given the nearest safe meaning, and no answer can crash the
+uploader, exhaust memory or change what is kept (guarantee 6).
 
 One request is in flight at a time, in spool order (the window of
 `[upload].window` is not used): coalescing makes requests large enough that a
@@ -31,16 +36,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
 import gzip
 import json
 import logging
+import math
 import re
 import ssl
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -52,6 +56,14 @@ from edgeagent.otlp import DecodeError, iter_fields, split_request
 from edgeagent.pipeline import WAKE_DATA, UploaderContext
 from edgeagent.spool import StoredChunk
 from edgeagent.uploaders import Backoff
+from edgeagent.uploaders.http11 import (
+    STREAM_LIMIT,
+    ProtocolError,
+    Response,
+    parse_retry_after,
+    printable,
+    read_response,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +79,6 @@ _WRITE_PIECE = 64 * 1024
 # A keep-alive connection unused this long is closed: NAT boxes on cellular links
 # drop idle flows silently, and a request on such a flow only fails after `timeout`.
 _IDLE_CLOSE = 30.0
-_RESPONSE_KEEP = 64 * 1024  # bytes of a response body kept (for partial success and error text)
-_RESPONSE_MAX_LINES = 100
 _EXCERPT = 300
 # OTLP/HTTP retryable answers, plus 408 (the server gave up waiting for our request: transient).
 _RETRYABLE = frozenset({408, 429, 502, 503, 504})
@@ -79,10 +89,8 @@ _RESERVED_HEADERS = frozenset(
     | {CHUNK_ID_HEADER.lower()}
 )
 _TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-
-
-class _ProtocolError(Exception):
-    """The endpoint's answer is not HTTP/1.x as we understand it."""
+_INT_RE = re.compile(r"-?[0-9]+")
+_INT64_LIMIT = 1 << 63
 
 
 class _CorruptChunk(Exception):
@@ -107,14 +115,6 @@ class _Request:
     body: bytes
     raw_size: int  # uncompressed ExportLogsServiceRequest bytes
     records: int
-
-
-@dataclass(slots=True)
-class _Response:
-    status: int
-    reason: str
-    headers: dict[str, str]  # lower-case names
-    body: bytes
 
 
 class _Connection:
@@ -277,7 +277,7 @@ class OtlpHttpUploader:
         self._counters["sent_chunks"] += len(request.chunks)
         try:
             response = await self._exchange(request)
-        except (OSError, EOFError, TimeoutError, _ProtocolError) as e:
+        except (OSError, EOFError, TimeoutError, ProtocolError) as e:
             self._set_reachable(False)
             await self._retry_later(ctx, _describe(e), None)
             return
@@ -301,12 +301,23 @@ class OtlpHttpUploader:
             retry_after = parse_retry_after(response.headers.get("retry-after"))
             what = f"HTTP {status} {response.reason}"
             if 300 <= status < 400:
-                what += f" (redirect to {response.headers.get('location', '?')} not followed: fix otlp_http.endpoint)"
+                location = printable(response.headers.get("location", "?"), 200)
+                what += f" (redirect to {location} not followed: fix otlp_http.endpoint)"
             elif status >= 400 and response.body:
                 what += f": {_excerpt(response)}"
             await self._retry_later(ctx, what, retry_after)
 
-    def _delivered(self, ctx: UploaderContext, request: _Request, response: _Response) -> None:
+    def _delivered(self, ctx: UploaderContext, request: _Request, response: Response) -> None:
+        rejected, message = parse_partial_success(response.body, response.headers.get("content-type", ""))
+        if rejected > request.records:
+            log.warning(
+                "%s says it rejected %d of %d records; counting %d",
+                self._endpoint,
+                rejected,
+                request.records,
+                request.records,
+            )
+            rejected = request.records
         acked = ctx.spool.ack([c.id for c in request.chunks])
         ctx.credentials_accepted()
         self._counters["acked_chunks"] += acked
@@ -314,7 +325,6 @@ class OtlpHttpUploader:
         self._backoff.succeeded()
         self._retry_delay = self._retry_after = self._next_attempt_at = None
         self._last_success_at = time.time()
-        rejected, message = parse_partial_success(response.body, response.headers.get("content-type", ""))
         if rejected > 0:
             # The chunk is gone from the spool either way: OTLP forbids retrying a
             # partial success, and the receiver would refuse the same records again.
@@ -330,7 +340,7 @@ class OtlpHttpUploader:
                 message or "(no message)",
             )
 
-    def _too_large(self, ctx: UploaderContext, request: _Request, response: _Response) -> None:
+    def _too_large(self, ctx: UploaderContext, request: _Request, response: Response) -> None:
         if request.records <= 1:
             reason = (
                 f"HTTP 413 from {self._endpoint}: a single record of {request.raw_size} bytes is larger than the "
@@ -482,7 +492,7 @@ class OtlpHttpUploader:
 
     # --- HTTP/1.1 -----------------------------------------------------------------
 
-    async def _exchange(self, request: _Request) -> _Response:
+    async def _exchange(self, request: _Request) -> Response:
         for fresh_retry in (False, True):
             conn = self._conn
             reused = conn is not None and conn.requests > 0
@@ -495,7 +505,7 @@ class OtlpHttpUploader:
             try:
                 await self._send(conn, request)
                 response = await self._read_response(conn)
-            except (OSError, EOFError, _ProtocolError) as e:
+            except (OSError, EOFError, ProtocolError) as e:
                 self._close_connection()
                 # A keep-alive connection the server closed just as we reused it fails
                 # before any answer: resend once on a new connection, without backoff.
@@ -520,6 +530,7 @@ class OtlpHttpUploader:
                     self._host,
                     self._port,
                     ssl=self._ssl,
+                    limit=STREAM_LIMIT,
                     server_hostname=self._host if self._ssl is not None else None,
                 )
         except TimeoutError:
@@ -558,65 +569,19 @@ class OtlpHttpUploader:
         if start > now:
             await asyncio.sleep(start - now)
 
-    async def _read_response(self, conn: _Connection) -> _Response:
-        reader = conn.reader
+    async def _read_response(self, conn: _Connection) -> Response:
+        def started() -> None:
+            conn.response_started = True
+
         try:
             async with asyncio.timeout(self._cfg.timeout):
-                while True:
-                    line = await reader.readline()
-                    if not line:
-                        raise EOFError("the connection was closed before an answer arrived")
-                    conn.response_started = True
-                    version, status, reason = _parse_status_line(line)
-                    headers = await _read_headers(reader)
-                    if 100 <= status < 200:
-                        if status == 101:
-                            raise _ProtocolError("unexpected 101 Switching Protocols")
-                        continue  # interim answer (100 Continue, 103 Early Hints)
-                    break
-                body = await self._read_body(conn, version, status, headers)
+                response = await read_response(conn.reader, started)
         except TimeoutError:
-            raise TimeoutError(f"no answer from {self._endpoint} within {self._cfg.timeout:g}s") from None
-        except ValueError as e:  # a line above the StreamReader limit
-            raise _ProtocolError(f"malformed answer: {e}") from None
-        connection = headers.get("connection", "").lower()
-        if "close" in connection or (version == "HTTP/1.0" and "keep-alive" not in connection):
-            conn.reusable = False
-        return _Response(status, reason, headers, body)
-
-    async def _read_body(self, conn: _Connection, version: str, status: int, headers: dict[str, str]) -> bytes:
-        reader = conn.reader
-        if status in (204, 304):
-            return b""
-        if "chunked" in headers.get("transfer-encoding", "").lower():
-            kept = bytearray()
-            while True:
-                size_line = await reader.readline()
-                try:
-                    size = int(size_line.split(b";", 1)[0].strip(), 16)
-                except ValueError:
-                    raise _ProtocolError(f"bad chunk size line {size_line[:40]!r}") from None
-                if size == 0:
-                    await _read_headers(reader)  # trailers
-                    break
-                data = await reader.readexactly(size + 2)
-                if len(kept) < _RESPONSE_KEEP:
-                    kept += data[:size]
-            return bytes(kept[:_RESPONSE_KEEP])
-        length = headers.get("content-length")
-        if length is not None:
-            try:
-                n = int(length)
-            except ValueError:
-                raise _ProtocolError(f"bad Content-Length {length!r}") from None
-            if n > _RESPONSE_KEEP:
-                # Not worth reading to keep the connection: take the head, drop the rest.
-                conn.reusable = False
-                return await reader.read(_RESPONSE_KEEP)
-            return await reader.readexactly(n)
-        # Neither: the body ends when the server closes the connection.
-        conn.reusable = False
-        return await reader.read(_RESPONSE_KEEP)
+            raise TimeoutError(
+                f"no answer (or not all of it) from {self._endpoint} within {self._cfg.timeout:g}s"
+            ) from None
+        conn.reusable = response.reusable
+        return response
 
     def _close_connection(self) -> None:
         if self._conn is not None:
@@ -679,45 +644,67 @@ class OtlpHttpUploader:
 # --- helpers (module level: pure, and tested on their own) -------------------------
 
 
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds to wait from a Retry-After header: delay-seconds or an HTTP-date
-    (RFC 9110 10.2.3). None when absent or unreadable."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
-
-
 def parse_partial_success(body: bytes, content_type: str = "application/x-protobuf") -> tuple[int, str]:
     """(rejected_log_records, error_message) from an ExportLogsServiceResponse
     (protobuf, or JSON when the receiver answers JSON). (0, "") when absent or
-    unreadable: a 2xx is a delivery whatever its body."""
+    unreadable: a 2xx is a delivery whatever its body. The count is an integer
+    in [0, 2**63) whatever the body says; the message is printable and short.
+    The caller bounds the count by the records it sent."""
     if not body:
         return 0, ""
     try:
         if "json" in content_type.lower():
-            partial = json.loads(body).get("partialSuccess") or {}
-            return int(partial.get("rejectedLogRecords") or 0), str(partial.get("errorMessage") or "")
-        rejected, message = 0, ""
-        for field_no, wire, start, end in iter_fields(body):
-            if field_no == 1 and wire == 2:  # partial_success
-                for f, w, s, e in iter_fields(body, start, end):
-                    if f == 1 and w == 0:
-                        rejected = e - (1 << 64) if e >= 1 << 63 else e
-                    elif f == 2 and w == 2:
-                        message = body[s:e].decode("utf-8", "replace")
-        return rejected, message
-    except (DecodeError, ValueError, AttributeError, TypeError) as e:
-        log.warning("unreadable OTLP response body (%s); counting the request as fully accepted", e)
+            rejected, message = _json_partial_success(json.loads(body))
+        else:
+            rejected, message = _protobuf_partial_success(body)
+    except (DecodeError, ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        log.warning("unreadable OTLP response body (%s); counting the request as fully accepted", printable(str(e)))
         return 0, ""
+    if rejected is None:
+        log.warning("OTLP partial success with an unreadable rejected count; counting it as 0")
+        rejected = 0
+    elif not 0 <= rejected < _INT64_LIMIT:
+        log.warning("OTLP partial success with rejected count %s out of range; clamped", printable(str(rejected), 40))
+        rejected = min(max(rejected, 0), _INT64_LIMIT - 1)
+    return rejected, printable(message, _EXCERPT)
+
+
+def _json_partial_success(document: Any) -> tuple[int | None, str]:
+    partial = document.get("partialSuccess") if isinstance(document, dict) else None
+    if not isinstance(partial, dict):
+        return 0, ""
+    message = partial.get("errorMessage")
+    return _json_int(partial.get("rejectedLogRecords", 0)), message if isinstance(message, str) else ""
+
+
+def _json_int(value: Any) -> int | None:
+    """An int64 as OTLP/JSON writes it (a number or a decimal string); None for anything else.
+    Infinite or huge numbers come back huge (clamped by the caller), never as an exception."""
+    if value is None:
+        return 0
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None
+        return _INT64_LIMIT if math.isinf(value) and value > 0 else -1 if math.isinf(value) else int(value)
+    if isinstance(value, str) and _INT_RE.fullmatch(value):
+        return int(value) if len(value) <= 20 else _INT64_LIMIT * (-1 if value.startswith("-") else 1)
+    return None
+
+
+def _protobuf_partial_success(body: bytes) -> tuple[int, str]:
+    rejected, message = 0, ""
+    for field_no, wire, start, end in iter_fields(body):
+        if field_no == 1 and wire == 2:  # partial_success
+            for f, w, s, e in iter_fields(body, start, end):
+                if f == 1 and w == 0:
+                    rejected = e - (1 << 64) if e >= 1 << 63 else e
+                elif f == 2 and w == 2:
+                    message = body[s : min(e, s + 4 * _EXCERPT)].decode("utf-8", "replace")
+    return rejected, message
 
 
 def count_records(request: bytes) -> int:
@@ -731,7 +718,7 @@ def count_records(request: bytes) -> int:
     return n
 
 
-def _excerpt(response: _Response) -> str:
+def _excerpt(response: Response) -> str:
     """The receiver's explanation: google.rpc.Status.message for a protobuf
     body, else the start of the text."""
     body = response.body
@@ -741,35 +728,11 @@ def _excerpt(response: _Response) -> str:
         try:
             for f, w, s, e in iter_fields(body):
                 if f == 2 and w == 2:
-                    return body[s:e].decode("utf-8", "replace")[:_EXCERPT]
+                    return printable(body[s:e].decode("utf-8", "replace"), _EXCERPT)
         except DecodeError:
             pass
     text = body[:_EXCERPT].decode("utf-8", "replace")
-    return " ".join(text.split()) or "(blank body)"
-
-
-def _parse_status_line(line: bytes) -> tuple[str, int, str]:
-    parts = line.decode("latin-1").rstrip("\r\n").split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
-        raise _ProtocolError(f"not an HTTP/1.x status line: {line[:60]!r}")
-    return parts[0], int(parts[1]), parts[2] if len(parts) > 2 else ""
-
-
-async def _read_headers(reader: asyncio.StreamReader) -> dict[str, str]:
-    headers: dict[str, str] = {}
-    for _ in range(_RESPONSE_MAX_LINES):
-        line = await reader.readline()
-        if not line:
-            raise EOFError("the connection was closed in the middle of an answer")
-        if line in (b"\r\n", b"\n"):
-            return headers
-        name, sep, value = line.decode("latin-1").partition(":")
-        if not sep:
-            raise _ProtocolError(f"malformed header line {line[:60]!r}")
-        key = name.strip().lower()
-        value = value.strip()
-        headers[key] = f"{headers[key]}, {value}" if key in headers else value
-    raise _ProtocolError(f"more than {_RESPONSE_MAX_LINES} header lines")
+    return printable(" ".join(text.split()), _EXCERPT) or "(blank body)"
 
 
 def _describe(error: BaseException) -> str:
@@ -778,7 +741,7 @@ def _describe(error: BaseException) -> str:
     if isinstance(error, ConnectionRefusedError):
         return "connection refused"
     text = str(error) or type(error).__name__
-    return text if isinstance(error, (TimeoutError, EOFError, _ProtocolError)) else f"{type(error).__name__}: {text}"
+    return text if isinstance(error, (TimeoutError, EOFError, ProtocolError)) else f"{type(error).__name__}: {text}"
 
 
 def _round(value: float | None) -> float | None:
