@@ -131,6 +131,17 @@ class FilesConfig:
 
 
 @dataclass(frozen=True)
+class SyslogConfig:
+    listen: str  # udp://HOST:PORT | tcp://HOST:PORT | unix://PATH (datagram) | unix-stream://PATH
+    format: str = field(default="auto", metadata=_choice("auto", "rfc5424", "rfc3164"))
+    max_message_size: int = field(default=16 * 1024, metadata=SIZE)  # longer messages are cut and marked
+    max_connections: int = 256  # TCP and unix-stream: connections beyond are refused
+    socket_mode: str = "0666"  # unix sockets: permissions (octal)
+    socket_group: str = ""  # unix sockets: group owning the socket; empty: the agent's
+    receive_buffer: int = field(default=0, metadata=SIZE)  # UDP and unix datagram SO_RCVBUF; 0: the system's
+
+
+@dataclass(frozen=True)
 class SpoolConfig:
     max_size: int = field(default=64 * 1024**2, metadata=SIZE)
     durability: str = field(default="full", metadata=_choice("full", "normal"))
@@ -211,6 +222,7 @@ class Config:
     resource: dict[str, str] = field(default_factory=dict)
     kmsg: KmsgConfig = field(default_factory=KmsgConfig)
     files: tuple[FilesConfig, ...] = ()
+    syslog: tuple[SyslogConfig, ...] = ()
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     upload: UploadConfig = field(default_factory=UploadConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
@@ -249,6 +261,7 @@ def _to_plain(obj: Any, redact: bool, secret: bool = False) -> Any:
 SECTION_TYPES: dict[str, type] = {
     "kmsg": KmsgConfig,
     "files": FilesConfig,
+    "syslog": SyslogConfig,
     "spool": SpoolConfig,
     "upload": UploadConfig,
     "mqtt": MqttConfig,
@@ -444,6 +457,7 @@ def _check_cross_fields(config: Config, loader: _Loader) -> None:
             if not pattern.startswith("/"):
                 loader.fail(f"files[{i}].include", pattern, "absolute path patterns")
     _check_fleet(config.fleet, loader)
+    _check_syslog(config, loader)
 
 
 _TOPIC_LEVEL_RE = re.compile(r"^[^#+\x00/]+$")
@@ -470,6 +484,34 @@ def _check_fleet(fleet: FleetConfig, loader: _Loader) -> None:
             loader.fail("fleet.allowed_paths", pattern, "absolute path patterns")
     if fleet.probation <= 0:
         loader.fail("fleet.probation", fleet.probation, "a duration above zero")
+
+
+_LISTEN_RE = re.compile(r"^(udp|tcp)://(\[[0-9a-fA-F:.]+\]|[^/:\[\]]+):(\d{1,5})$|^(unix|unix-stream)://(/.+)$")
+
+
+def parse_listen(listen: str) -> tuple[str, str, int]:
+    """A [[syslog]] listen address as (transport, host or socket path, port or 0).
+    Transports: "udp", "tcp", "unix" (datagram), "unix-stream". Raises ValueError."""
+    m = _LISTEN_RE.match(listen)
+    if m is None or (m.group(3) and not 0 < int(m.group(3)) <= 65535):
+        raise ValueError("udp://HOST:PORT, tcp://HOST:PORT, unix:///PATH or unix-stream:///PATH")
+    if m.group(1):
+        return m.group(1), m.group(2).strip("[]"), int(m.group(3))
+    return m.group(4), m.group(5), 0
+
+
+def _check_syslog(config: Config, loader: _Loader) -> None:
+    for i, syslog in enumerate(config.syslog):
+        try:
+            parse_listen(syslog.listen)
+        except ValueError as e:
+            loader.fail(f"syslog[{i}].listen", syslog.listen, str(e))
+        if not re.fullmatch(r"0?[0-7]{3}", syslog.socket_mode):
+            loader.fail(f"syslog[{i}].socket_mode", syslog.socket_mode, 'octal permissions like "0660"')
+        if syslog.max_connections < 1:
+            loader.fail(f"syslog[{i}].max_connections", syslog.max_connections, "at least 1")
+        if syslog.max_message_size < 480:
+            loader.fail(f"syslog[{i}].max_message_size", syslog.max_message_size, "at least 480 bytes (RFC 5424)")
 
 
 class _Loader:

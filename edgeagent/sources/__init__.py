@@ -24,4 +24,8 @@ def build_sources(config: Config) -> list[Source]:
         from edgeagent.sources.files import FileSource
 
         sources.append(FileSource(config))
+    if config.syslog:
+        from edgeagent.sources.syslog import SyslogSource
+
+        sources.append(SyslogSource(config))
     return sources

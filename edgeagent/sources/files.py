@@ -94,6 +94,9 @@ def _cut_utf8(line: bytes, limit: int) -> bytes:
     return line[:end]
 
 
+cut_utf8 = _cut_utf8  # public for the syslog and journald sources until the shared line-handling module exists
+
+
 class _Group:
     """One `[[files]]` section, compiled."""
 
