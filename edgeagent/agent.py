@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -177,7 +178,7 @@ class Agent:
         self._batcher = Batcher(self.spool, encoder, self.boot_id, config.spool, on_commit=on_commit)
         source_ctx = SourceContext(self._batcher, self.spool, self.boot_id, config)
         for source in self._sources:
-            self._spawn(f"source {source.name}", lambda s=source: s.run(source_ctx))
+            self._spawn(f"source {source.name}", functools.partial(source.run, source_ctx))
         if self._uploader is not None and self._uploader_ctx is not None:
             uploader, ctx = self._uploader, self._uploader_ctx
             self._spawn("uploader", lambda: uploader.run(ctx))
@@ -343,12 +344,13 @@ class _Heap:
     def __init__(self) -> None:
         import ctypes
 
+        self._malloc_trim: Callable[[int], int] | None = None
         try:
             libc = ctypes.CDLL("libc.so.6")
             libc.mallopt(self.M_MMAP_THRESHOLD, 128 * 1024)
             self._malloc_trim = libc.malloc_trim
         except (OSError, AttributeError):
-            self._malloc_trim = None
+            pass
 
     def trim(self) -> None:
         if self._malloc_trim is not None:

@@ -153,7 +153,7 @@ def _read_status(cfg: Any) -> dict[str, Any]:
         return out
     try:
         out.update(spool.status())
-        backlog = spool.backlog()
+        backlog: dict[str, Any] = spool.backlog()
         backlog["oldest_age_s"] = round(time.time() - backlog["oldest_ns"] / 1e9, 3) if backlog["oldest_ns"] else None
         out["backlog"] = backlog
         out["counters"] = spool.counters()
@@ -308,6 +308,7 @@ def cmd_spool_dump(args: argparse.Namespace) -> int:
     dctx = zstandard.ZstdDecompressor()
     out = sys.stdout
     try:
+        items: list[tuple[str, bytes, Any]]
         if args.dead_letters:
             items = [(chunk_id, payload, None) for chunk_id, payload in spool.dead_letter_payloads()]
         else:

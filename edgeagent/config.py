@@ -83,7 +83,7 @@ def parse_priority(value: Any) -> int:
         level = SYSLOG_LEVEL_NAMES.get(value.strip().lower())
         if level is not None:
             return level
-    names = ", ".join(sorted(set(SYSLOG_LEVEL_NAMES) - {"error", "warn"}, key=SYSLOG_LEVEL_NAMES.get))
+    names = ", ".join(sorted(set(SYSLOG_LEVEL_NAMES) - {"error", "warn"}, key=lambda name: SYSLOG_LEVEL_NAMES[name]))
     raise ValueError(f"a priority name ({names}) or a number 0-7")
 
 
@@ -594,7 +594,7 @@ class _Loader:
                 return raw
         except ValueError as e:
             self.fail(key, raw, str(e))
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             return self.section(hint, raw, key + ".")
         origin = typing.get_origin(hint)
         if origin is tuple:

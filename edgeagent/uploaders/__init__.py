@@ -44,7 +44,7 @@ class Backoff:
 
     def failed(self, retry_after: float | None = None) -> float:
         self._attempt += 1
-        state = RetryCallState(None, None, (), {})
+        state = RetryCallState(None, None, (), {})  # type: ignore[arg-type]  # only attempt_number is read
         state.attempt_number = self._attempt
         delay = float(self._wait(state))
         if retry_after is not None:
