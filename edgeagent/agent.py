@@ -5,6 +5,10 @@ Signals: SIGTERM/SIGINT stop cleanly (sources stop, what was read is
 committed, the uploader waits `upload.shutdown_timeout` for acknowledgements);
 SIGHUP reloads the config file (an invalid file is reported and the running
 config kept); SIGUSR1 wakes the uploader (`edgeagent wake`, OpenWrt hotplug).
+
+A new config (SIGHUP, fleet config over MQTT) is applied live by
+`apply_config`: only components whose config sections changed are rebuilt, the
+spool stays open, and a replaced source resumes from its committed position.
 """
 
 from __future__ import annotations
@@ -43,6 +47,9 @@ from edgeagent.spool import Spool
 log = logging.getLogger("edgeagent")
 
 STATUS_INTERVAL = 5.0
+# The config sections each source reads; a source not listed reads the section named like it.
+SOURCE_SECTIONS = {"kmsg": ("kmsg",), "pstore": ("kmsg",)}
+UPLOADER_SECTIONS = ("upload", "mqtt", "otlp_http")
 _RESTART_MIN, _RESTART_MAX = 1.0, 60.0
 
 # OpenTelemetry host.arch values for what platform.machine() says.
@@ -112,6 +119,8 @@ class Agent:
         self._component_status: dict[str, Any] = {"sources": {}, "uploader": {"to": "none"}}
         self._redactor = redact.install(config)
         self._heap = _Heap()
+        self._fleet: Any = None  # edgeagent.fleet.device.FleetDevice when [fleet] is enabled
+        self._fleet_task: asyncio.Task[None] | None = None
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -142,7 +151,14 @@ class Agent:
             self.boot_id,
         )
         try:
+            if self.config.fleet.enabled:
+                from edgeagent.fleet.device import FleetDevice
+
+                self._fleet = FleetDevice(self, self.config)
+                self.config = self._fleet.startup()
             self._start_components(build_components(self.config))
+            if self._fleet is not None:
+                self._fleet_task = asyncio.create_task(self._supervise("fleet", self._fleet.run), name="fleet")
             self._write_status("running")
             while not self._stop.is_set():
                 stop_wait = asyncio.ensure_future(self._stop.wait())
@@ -156,6 +172,9 @@ class Agent:
                 self._write_status("running")
                 self._heap.trim()
             log.info("stopping")
+            if self._fleet_task is not None:
+                self._fleet_task.cancel()
+                await asyncio.gather(self._fleet_task, return_exceptions=True)
             await self._stop_components()
             self._write_status("stopped")
         finally:
@@ -249,32 +268,100 @@ class Agent:
         path = self.config.source_path
         try:
             new = config_mod.load(path)
-        except ConfigError as e:
-            log.error("reload refused, keeping the running config: %s", e)
-            self._errors["config"] = str(e)
-            return
-        if new.state_dir != self.config.state_dir:
-            log.error(
-                "reload: state_dir cannot change while running (restart the agent); keeping %s", self.config.state_dir
-            )
-            new = dataclasses.replace(new, state_dir=self.config.state_dir)
-        try:
-            # Built before the running ones stop: a config that parses but
-            # cannot be used (an unreadable CA file) is refused as a whole.
-            components = build_components(new)
+            if self._fleet is not None:
+                new = self._fleet.with_layers(new)
         except ConfigError as e:
             log.error("reload refused, keeping the running config: %s", e)
             self._errors["config"] = str(e)
             return
         log.info("reloading config from %s", path)
-        await self._stop_components()
-        assert self.spool is not None
-        self.spool.max_size = new.spool.max_size
-        self.config = new
+        try:
+            await self.apply_config(new)
+        except ConfigError as e:
+            log.error("reload refused, keeping the running config: %s", e)
+            self._errors["config"] = str(e)
+            return
         self._errors.pop("config", None)
+
+    async def apply_config(self, new: Config) -> None:
+        """Apply `new` live. Everything is built before anything stops, so a
+        config that parses but cannot be used (an unreadable CA file) raises
+        ConfigError and leaves the running components alone. Then only the
+        components whose sections changed are replaced."""
+        from edgeagent.sources import build_sources
+        from edgeagent.uploaders import build_uploader
+
+        old = self.config
+        if new.state_dir != old.state_dir:
+            log.error("state_dir cannot change while running (restart the agent); keeping %s", old.state_dir)
+            new = dataclasses.replace(new, state_dir=old.state_dir)
+        changed = {f.name for f in dataclasses.fields(Config) if getattr(old, f.name) != getattr(new, f.name)}
+        uploader_changed = bool(changed & set(UPLOADER_SECTIONS))
+        uploader = build_uploader(new) if uploader_changed else None
+        built = {source.name: source for source in build_sources(new)}
+        running = {source.name: source for source in self._sources}
+        replaced = [
+            name
+            for name in {*built, *running}
+            if name not in built or name not in running or changed & set(SOURCE_SECTIONS.get(name, (name,)))
+        ]
+        for name in [n for n in replaced if n in running]:
+            await self._stop_task(f"source {name}")
+        for name in [k for k in self._errors if k.startswith("source ")]:
+            del self._errors[name]
+        assert self.spool is not None and self._batcher is not None
+        self._batcher.flush()  # what the stopped sources handed over, with their positions
+        self._batcher.config = new.spool
+        if changed & {"device_id", "resource"}:
+            self._batcher.encoder = ChunkEncoder(resource_attributes(new), __version__)
+        self.spool.max_size = new.spool.max_size
         _configure_logging(new.log_level)
         redact.install(new, self._redactor)
-        self._start_components(components)
+        if uploader_changed:
+            await self._replace_uploader(uploader, new)
+        self.config = new
+        self._sources = [running[n] for n in running if n not in replaced] + [built[n] for n in built if n in replaced]
+        source_ctx = SourceContext(self._batcher, self.spool, self.boot_id, new)
+        for name in [n for n in built if n in replaced]:
+            self._spawn(f"source {name}", lambda s=built[name]: s.run(source_ctx))
+        if replaced or changed:
+            log.info("applied config: changed %s; restarted %s", sorted(changed), sorted(replaced) or "no source")
+
+    async def _stop_task(self, name: str) -> None:
+        tasks = [t for t in self._tasks if t.get_name() == name]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks = [t for t in self._tasks if t not in tasks]
+
+    async def _replace_uploader(self, uploader: Uploader | None, new: Config) -> None:
+        assert self.spool is not None and self._batcher is not None
+        if self._uploader is not None:
+            try:
+                timeout = self.config.upload.shutdown_timeout
+                await asyncio.wait_for(self._uploader.drain(timeout), timeout + 1)
+            except Exception:
+                log.exception("uploader did not drain cleanly; unacknowledged chunks stay in the spool")
+        await self._stop_task("uploader")
+        await self._stop_task("network watch")
+        self._errors.pop("uploader", None)
+        self._uploader, self._uploader_ctx = uploader, None
+        self._batcher.on_commit = None
+        if uploader is not None:
+            ctx = self._uploader_ctx = UploaderContext(self.spool, new, on_loss=self._ship_loss)
+            self._batcher.on_commit = ctx.wake
+            self._spawn("uploader", lambda: uploader.run(ctx))
+            self._spawn("network watch", self._watch_network)
+            ctx.wake()
+
+    def health(self) -> str:
+        """'' when every source runs and the spool takes writes, else why not (fleet probation)."""
+        for name, error in self._errors.items():
+            if name.startswith("source "):
+                return f"{name} failed: {error}"
+        if self._batcher is not None and self._batcher.stalled:
+            return f"the spool does not take writes: {self._batcher.last_error}"
+        return ""
 
     def _snapshot_components(self) -> None:
         if self._sources or self._uploader is not None:
@@ -304,6 +391,8 @@ class Agent:
             },
             **self._component_status,
         }
+        if self._fleet is not None:
+            status["fleet"] = self._fleet.status()
         text = json.dumps(status, sort_keys=True, default=str)
         if text == self._last_status and not force:
             return

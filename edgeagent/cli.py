@@ -241,6 +241,10 @@ def _status_lines(status: dict[str, Any]) -> list[str]:
     lines.append(f"dead letters: {status['dead_letters']}")
     for name, error in sorted((agent.get("errors") or {}).items()):
         lines.append(f"error in {name}: {error}")
+    fleet = status.get("fleet") or {}
+    if fleet:
+        keys = ("state", "scope", "version", "applied_version", "reason", "at")
+        lines.append("fleet:     " + ", ".join(f"{k}={fleet.get(k)}" for k in keys if fleet.get(k) not in ("", None)))
     return lines
 
 
