@@ -155,6 +155,7 @@ class Agent:
                 from edgeagent.fleet.device import FleetDevice
 
                 self._fleet = FleetDevice(self, self.config)
+                self._fleet.redact = self._redactor.text
                 self.config = self._fleet.startup()
             self._start_components(build_components(self.config))
             if self._fleet is not None:

@@ -85,6 +85,7 @@ class FleetDevice:
         self._session: Session | None = None
         self._report_due = asyncio.Event()
         self._acknowledged: dict[str, Any] = {}
+        self.redact: Callable[[str], str] = lambda text: text  # the agent's Redactor: known secret values
         try:
             self.verifier: Verifier | None = Verifier(self.fleet.trusted_keys)
             self._verifier_error = ""
@@ -288,7 +289,7 @@ class FleetDevice:
             applied_version=applied.version if applied else 0,
             config_hash=layers_hash(self.state.applied),
             layers={s: layer.version for s, layer in sorted(self.state.applied.items())},
-            reason=reason,
+            reason=self.redact(reason),
             boot_id=self.host.boot_id,
         )
 
