@@ -193,3 +193,35 @@ def test_a_five_minute_outage_in_the_middle_of_a_100k_line_drain_loses_nothing(m
         assert agent.stop() == 0
     finally:
         server.stop()
+
+
+def _peak_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def test_a_hostile_collector_does_not_grow_the_agent_and_every_line_arrives(make_agent: Any) -> None:
+    """A 2xx announcing a 600 MiB chunk and streaming 256 MiB of it, then garbage, then a
+    sane collector: the agent reads a bounded amount, stays up, and delivers everything."""
+    from test_otlp_hostile import HugeChunk
+
+    huge = HugeChunk(streamed=256 * 1024 * 1024)
+    with OtlpServer() as server:
+        server.answer(
+            Answer(raw=huge, delivers=True),
+            Answer(raw=b"HTTP/1.1 503 x\r\nRetry-After: \xb2\r\nContent-Length: 0\r\n\r\n"),
+            Answer(raw=b"\x00garbage" * 1000),
+        )
+        agent = make_agent(config(server.url))
+        lines = [f"line {i}" for i in range(300)]
+        fill_spool(agent.state_dir, [lines[:100], lines[100:200], lines[200:]])
+        agent.start()
+        wait_for(lambda: not spool_records(agent.state_dir), what="the backlog acknowledged")
+        assert agent.proc is not None and agent.proc.poll() is None
+        peak_mib = _peak_rss_kib(agent.proc.pid) / 1024
+        assert server.lines() == lines
+        assert agent.stop() == 0
+    assert huge.sent < 32 * 1024 * 1024, huge.sent
+    assert peak_mib < 100, f"agent peak RSS {peak_mib:.0f} MiB"

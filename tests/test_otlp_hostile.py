@@ -36,14 +36,15 @@ STREAMED = 64 * 1024 * 1024  # what the server tries to push of it before giving
 class HugeChunk:
     """A 2xx whose chunked body announces 600 MiB, then streams until the client stops reading."""
 
-    def __init__(self) -> None:
+    def __init__(self, streamed: int = STREAMED) -> None:
         self.sent = 0
+        self.streamed = streamed
 
     def __call__(self, sock: socket.socket) -> None:
         sock.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n" % HUGE_CHUNK)
         sock.settimeout(3)  # a client that stopped reading without closing shows as a timeout here
         block = b"x" * 65536
-        while self.sent < STREAMED:
+        while self.sent < self.streamed:
             sock.sendall(block)
             self.sent += len(block)
 
