@@ -205,9 +205,11 @@ class Agent:
             self._spawn("network watch", self._watch_network)
             ctx.wake()  # a backlog from the last run goes out at once
 
-    def _ship_loss(self, record: Record) -> None:
+    def _ship_loss(self, record: Record, counters: dict[str, int]) -> None:
         if self._batcher is not None:
             self._batcher.add(Batch(AGENT_SOURCE, [record], clock.monotonic_ns(), self.boot_id))
+            if counters:
+                self._batcher.count(counters)  # committed with the record
 
     async def _watch_network(self) -> None:
         from edgeagent.connectivity import NetworkWatch

@@ -300,6 +300,8 @@ def cmd_wake(args: argparse.Namespace) -> int:
 
 
 def cmd_spool_dump(args: argparse.Namespace) -> int:
+    import datetime
+
     import zstandard
 
     from edgeagent.otlp import DecodeError, decode_request
@@ -312,19 +314,25 @@ def cmd_spool_dump(args: argparse.Namespace) -> int:
     dctx = zstandard.ZstdDecompressor()
     out = sys.stdout
     try:
-        items: list[tuple[str, bytes, Any]]
+        items: list[tuple[str, bytes]]
+        extra: dict[str, dict[str, str]] = {}  # chunk id -> fields added to each of its records
         if args.dead_letters:
-            items = [(chunk_id, payload, None) for chunk_id, payload in spool.dead_letter_payloads()]
+            items = spool.dead_letter_payloads()
+            for dead in spool.dead_letters(limit=len(items) + 1000):
+                at = datetime.datetime.fromtimestamp(dead["rejected_ns"] / 1e9, datetime.UTC)
+                extra[dead["chunk_id"]] = {"dead_letter_reason": dead["reason"], "dead_letter_at": at.isoformat()}
         else:
-            items = [(c.chunk_id, c.payload, c) for c in spool.oldest(args.limit or 10**9)]
-        for chunk_id, payload, _chunk in items:
+            items = [(c.chunk_id, c.payload) for c in spool.oldest(args.limit or 10**9)]
+        for chunk_id, payload in items:
             try:
                 records = decode_request(dctx.decompress(payload))
                 for record in records:
                     record["chunk_id"] = chunk_id
+                    record.update(extra.get(chunk_id, {}))
                     out.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
             except (zstandard.ZstdError, DecodeError) as e:
-                print(f"edgeagent: chunk {chunk_id} cannot be decoded: {e}", file=sys.stderr)
+                detail = "".join(f"; {k} {v}" for k, v in extra.get(chunk_id, {}).items())
+                print(f"edgeagent: chunk {chunk_id} cannot be decoded: {e}{detail}", file=sys.stderr)
     finally:
         spool.close()
     return 0

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import zstandard
@@ -34,6 +34,7 @@ from edgeagent.clock import Clock, ClockState, monotonic_ns
 from edgeagent.config import Config, SpoolConfig
 from edgeagent.otlp import ChunkEncoder, shift_times
 from edgeagent.records import SEVERITY_WARN, Batch, Record
+from edgeagent.refusals import DEFAULT_INTERVAL, RefusalReports, ShipLoss
 from edgeagent.spool import Eviction, NewChunk, Spool, StoredChunk
 
 log = logging.getLogger(__name__)
@@ -292,22 +293,27 @@ class SourceContext:
 class UploaderContext:
     """What an uploader may do: read, ack, reject and split chunks; wait for work."""
 
-    def __init__(self, spool: Spool, config: Config, on_loss: Callable[[Record], None] | None = None) -> None:
+    def __init__(
+        self, spool: Spool, config: Config, on_loss: ShipLoss | None = None, report_interval: float = DEFAULT_INTERVAL
+    ) -> None:
         self.spool = spool
         self.config = config
         self.wake_event = asyncio.Event()
         self._reasons: set[str] = set()
-        self._on_loss = on_loss
+        # on_loss(record, counters) ships a loss record and commits the counters with it.
+        self.refusals = RefusalReports(spool, on_loss, report_interval)
         self.credentials_error: str | None = None
         self.credentials_error_since: float | None = None
 
     def reject(self, ids: list[int], reason: str) -> int:
-        """Move chunks the receiver refused for good to dead letters, and ship
-        a record saying so (guarantee 5). Returns how many chunks moved."""
-        records = self.spool.count_records(ids)
+        """Move chunks the receiver refused for good to dead letters (counted
+        there), and report it in at most one record per interval (guarantee 5;
+        see `edgeagent.refusals`: a refused report is never reported again).
+        Returns how many chunks moved."""
+        chunks = [c for i in ids for c in self.spool.oldest(1, i - 1) if c.id == i]
         moved = self.spool.reject(ids, reason)
         if moved:
-            self._report_loss("rejected", records, moved, reason)
+            self.refusals.rejected(chunks, reason)
         return moved
 
     def credentials_refused(self, reason: str) -> None:
@@ -332,28 +338,11 @@ class UploaderContext:
         """For the uploader's `status()`: the credentials problem in force, if any."""
         return {"credentials_error": self.credentials_error, "credentials_error_since": self.credentials_error_since}
 
-    def report_rejected(self, records: int, reason: str) -> None:
-        """The receiver accepted a request but dropped `records` of it (OTLP
-        partial success): count it and ship a record saying so."""
+    def report_rejected(self, records: int, reason: str, chunks: Sequence[StoredChunk] = ()) -> None:
+        """The receiver accepted a request (of `chunks`) but dropped `records` of
+        it (OTLP partial success): count it, and report it like `reject`."""
         self.spool.add_counters({"rejected_records": records})
-        self._report_loss("partially_rejected", records, 0, reason)
-
-    def _report_loss(self, kind: str, records: int, chunks: int, reason: str) -> None:
-        if self._on_loss is None:
-            return
-        self._on_loss(
-            Record(
-                f"edgeagent: the receiver refused {records} records for good ({reason})",
-                SEVERITY_WARN,
-                "WARN",
-                {
-                    "edgeagent.loss.reason": kind,
-                    "edgeagent.loss.records": records,
-                    "edgeagent.loss.chunks": chunks,
-                    "edgeagent.loss.detail": reason[:500],
-                },
-            )
-        )
+        self.refusals.partially_rejected(records, reason, chunks)
 
     def wake(self, reason: str = WAKE_DATA) -> None:
         """Wake the uploader: new chunks were stored (`WAKE_DATA`), an interface or

@@ -67,8 +67,9 @@ def test_receiver_rejections_are_shipped_as_records(tmp_path: Path) -> None:
     spool = Spool.open(tmp_path / "spool.db")
     batcher = Batcher(spool, ChunkEncoder({}, "t"), "boot", SpoolConfig())
 
-    def ship(record):  # type: ignore[no-untyped-def]
+    def ship(record, counters):  # type: ignore[no-untyped-def]
         batcher.add(Batch(AGENT_SOURCE, [record], 0, "boot"))
+        batcher.count(counters)
 
     ctx = UploaderContext(spool, None, on_loss=ship)  # type: ignore[arg-type]
     batcher.add(Batch("files", [b"a", b"b", b"c"], 0, "boot"))

@@ -225,3 +225,29 @@ def test_a_hostile_collector_does_not_grow_the_agent_and_every_line_arrives(make
         assert agent.stop() == 0
     assert huge.sent < 32 * 1024 * 1024, huge.sent
     assert peak_mib < 100, f"agent peak RSS {peak_mib:.0f} MiB"
+
+
+def test_a_receiver_refusing_everything_gets_one_report_not_a_loop(make_agent: Any, tmp_path: Path) -> None:
+    """Reproduction: the loss record about a refusal was refused in turn, dead-lettered,
+    reported again, once a second forever (20 dead letters in 20 s from one line)."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "app.log").write_text("the only line\n")
+    with OtlpServer() as server:
+        server.default = Answer(400, b"schema violation")
+        text = config(server.url) + f'[[files]]\ninclude = ["{logs}/*.log"]\nstart_at = "beginning"\n'
+        agent = make_agent(text.replace("[upload]", '[spool]\nflush_interval = "200ms"\n[upload]'))
+        agent.start()
+
+        def dead_letters() -> int:
+            return int(agent.status()["dead_letters"])
+
+        wait_for(lambda: dead_letters() >= 2, what="the line and its loss report refused")
+        # The old loop made a new dead letter about every flush interval plus a retry:
+        # give it many times that, then nothing new may have happened.
+        refused = server.count()
+        time.sleep(3)
+        assert dead_letters() == 2 and server.count() == refused == 2
+        lines = [line for r in server.received for line in r.lines()]
+        assert lines[0] == "the only line" and "refused 1 records" in lines[1]
+        assert agent.stop() == 0

@@ -329,7 +329,7 @@ class OtlpHttpUploader:
             # The chunk is gone from the spool either way: OTLP forbids retrying a
             # partial success, and the receiver would refuse the same records again.
             self._counters["rejected_records"] += rejected
-            ctx.report_rejected(rejected, message or "partial success without a message")
+            ctx.report_rejected(rejected, message or "partial success without a message", request.chunks)
             self._note_error(f"receiver rejected {rejected} of {request.records} records: {message or '(no message)'}")
             log.warning(
                 "%s accepted chunk(s) %s but rejected %d of %d records: %s",
