@@ -142,6 +142,19 @@ class SyslogConfig:
 
 
 @dataclass(frozen=True)
+class JournaldConfig:
+    enabled: bool = False
+    directory: str = ""  # empty: this machine's journal; else a journal directory to read
+    units: tuple[str, ...] = ()  # only these units; empty: all
+    min_priority: int = field(default=7, metadata=PRIORITY)  # debug
+    matches: tuple[str, ...] = ()  # journalctl matches (FIELD=VALUE, or "+" for OR), ANDed with units
+    system_only: bool = False  # only the system journal, not the users' journals
+    start_at: str = field(default="beginning", metadata=_choice("beginning", "end"))  # with no stored cursor
+    max_message_size: int = field(default=64 * 1024, metadata=SIZE)  # longer fields are cut and marked
+    journalctl: str = "journalctl"
+
+
+@dataclass(frozen=True)
 class SpoolConfig:
     max_size: int = field(default=64 * 1024**2, metadata=SIZE)
     durability: str = field(default="full", metadata=_choice("full", "normal"))
@@ -223,6 +236,7 @@ class Config:
     kmsg: KmsgConfig = field(default_factory=KmsgConfig)
     files: tuple[FilesConfig, ...] = ()
     syslog: tuple[SyslogConfig, ...] = ()
+    journald: JournaldConfig = field(default_factory=JournaldConfig)
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     upload: UploadConfig = field(default_factory=UploadConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
@@ -262,6 +276,7 @@ SECTION_TYPES: dict[str, type] = {
     "kmsg": KmsgConfig,
     "files": FilesConfig,
     "syslog": SyslogConfig,
+    "journald": JournaldConfig,
     "spool": SpoolConfig,
     "upload": UploadConfig,
     "mqtt": MqttConfig,
@@ -512,6 +527,11 @@ def _check_syslog(config: Config, loader: _Loader) -> None:
             loader.fail(f"syslog[{i}].max_connections", syslog.max_connections, "at least 1")
         if syslog.max_message_size < 480:
             loader.fail(f"syslog[{i}].max_message_size", syslog.max_message_size, "at least 480 bytes (RFC 5424)")
+    for match in config.journald.matches:
+        if not re.fullmatch(r"[A-Z0-9_]+=.*|\+", match, re.DOTALL):
+            loader.fail("journald.matches", match, 'FIELD=VALUE (upper-case field name), or "+" (OR)')
+    if config.journald.max_message_size < 1024:
+        loader.fail("journald.max_message_size", config.journald.max_message_size, "at least 1KiB")
 
 
 class _Loader:

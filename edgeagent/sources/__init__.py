@@ -28,4 +28,8 @@ def build_sources(config: Config) -> list[Source]:
         from edgeagent.sources.syslog import SyslogSource
 
         sources.append(SyslogSource(config))
+    if config.journald.enabled:
+        from edgeagent.sources.journald import JournaldSource
+
+        sources.append(JournaldSource(config))
     return sources

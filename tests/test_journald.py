@@ -1,0 +1,275 @@
+"""The journald source against real journal files written by systemd-journal-remote and read by the real
+journalctl: field mapping, binary MESSAGE fields, filters, kill -9 of the agent and of journalctl mid-stream
+(nothing lost, nothing twice), and a vacuumed cursor (gap record, resume at the oldest entry)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import spool_records, wait_for
+
+from edgeagent.config import loads
+from edgeagent.sources.journald import ExportParser, JournaldSource, entry_record
+
+JOURNAL_REMOTE = "/lib/systemd/systemd-journal-remote"
+JOURNALCTL = shutil.which("journalctl")
+BOOT = "0123456789abcdef0123456789abcdef"
+OTHER_BOOT = "fedcba9876543210fedcba9876543210"
+
+needs_tools = pytest.mark.skipif(
+    not Path(JOURNAL_REMOTE).exists() or JOURNALCTL is None,
+    reason="needs journalctl and systemd-journal-remote (apt-get install systemd-journal-remote)",
+)
+
+
+def export_entry(fields: dict[str, str | bytes]) -> bytes:
+    """One entry in journal export format; bytes values use the binary encoding."""
+    out = b""
+    for name, value in fields.items():
+        if isinstance(value, bytes):
+            out += name.encode() + b"\n" + struct.pack("<Q", len(value)) + value + b"\n"
+        else:
+            out += f"{name}={value}\n".encode()
+    return out + b"\n"
+
+
+def numbered_entries(tag: str, first: int, count: int, unit: str = "app.service") -> list[dict[str, str | bytes]]:
+    now_us = int(time.time() * 1e6)
+    return [
+        {
+            "__REALTIME_TIMESTAMP": str(now_us + n),
+            "__MONOTONIC_TIMESTAMP": str(1_000_000 + n),
+            "_BOOT_ID": OTHER_BOOT,
+            "MESSAGE": f"{tag} {n} payload={n * 7919 % 10007:05d}",
+            "PRIORITY": str(n % 8),
+            "_SYSTEMD_UNIT": unit,
+            "SYSLOG_IDENTIFIER": "app",
+            "_PID": str(100 + n % 50),
+            "_HOSTNAME": "devbox",
+        }
+        for n in range(first, first + count)
+    ]
+
+
+def write_journal(path: Path, entries: list[dict[str, str | bytes]]) -> None:
+    data = b"".join(map(export_entry, entries))
+    result = subprocess.run([JOURNAL_REMOTE, "-o", str(path), "-"], input=data, capture_output=True, timeout=120)
+    assert result.returncode == 0, result.stderr.decode()
+
+
+def journal_records(state_dir: Path) -> list[dict[str, Any]]:
+    return [r for r in spool_records(state_dir) if r["scope"] == "edgeagent/journald"]
+
+
+def numbers(records: list[dict[str, Any]], tag: str) -> list[int]:
+    return [int(r["body"].split()[1]) for r in records if r["body"].startswith(tag + " ")]
+
+
+def config(directory: Path, extra: str = "") -> str:
+    return f"""
+device_id = "journald-test"
+state_dir = "{{state_dir}}"
+[kmsg]
+enabled = false
+[upload]
+to = "none"
+[spool]
+flush_interval = "100ms"
+[journald]
+enabled = true
+directory = "{directory}"
+{extra}
+"""
+
+
+# --- the export format and the field mapping -------------------------------------------------------
+
+
+def test_export_parser_across_reads_binary_fields_and_cuts() -> None:
+    long_text = "t" * 3000
+    long_binary = b"b\n" * 1500
+    stream = (
+        export_entry({"__CURSOR": "c1", "MESSAGE": b"multi\nline \xff", "PRIORITY": "3"})
+        + export_entry({"__CURSOR": "c2", "MESSAGE": long_text, "X": "after"})
+        + export_entry({"__CURSOR": "c3", "MESSAGE": long_binary, "Y": "after"})
+        + export_entry({"__CURSOR": "c4", "MESSAGE": "first", "_PID": "7"})[:-1]
+        + b"MESSAGE=second\n\n"  # a repeated field: the first value wins
+    )
+    parser = ExportParser(max_size=1024)
+    entries = []
+    for i in range(0, len(stream), 100):
+        entries += parser.feed(stream[i : i + 100])
+    assert [e["__CURSOR"] for e in entries] == [b"c1", b"c2", b"c3", b"c4"]
+    assert entries[0]["MESSAGE"] == b"multi\nline \xff" and "__EDGEAGENT_TRUNCATED" not in entries[0]
+    assert entries[1]["MESSAGE"] == b"t" * 1024 and entries[1]["X"] == b"after" and entries[1]["__EDGEAGENT_TRUNCATED"]
+    assert entries[2]["MESSAGE"] == long_binary[:1024] and entries[2]["Y"] == b"after"
+    assert entries[3]["MESSAGE"] == b"first"
+
+
+def test_entry_fields_map_to_semantic_conventions() -> None:
+    entry = {
+        "__CURSOR": b"c",
+        "__REALTIME_TIMESTAMP": b"1796000000000000",
+        "__MONOTONIC_TIMESTAMP": b"5000000",
+        "_BOOT_ID": BOOT.encode(),
+        "MESSAGE": b"caf\xc3\xa9 \xff\n",
+        "PRIORITY": b"4",
+        "SYSLOG_FACILITY": b"3",
+        "SYSLOG_IDENTIFIER": b"modbusd",
+        "_SYSTEMD_UNIT": b"modbusd.service",
+        "_PID": b"4242",
+        "_UID": b"0",
+        "_COMM": b"modbusd",
+        "_EXE": b"/usr/bin/modbusd",
+        "_CMDLINE": b"/usr/bin/modbusd -f",
+        "_HOSTNAME": b"gw-7",
+        "_MACHINE_ID": b"3d1219c7c4c5404aaa1f6d2a48adfda4",
+        "_TRANSPORT": b"journal",
+        "CODE_FILE": b"main.c",
+        "CODE_LINE": b"88",
+        "CODE_FUNC": b"poll",
+        "REQUEST_ID": b"r-1",
+        "_SOURCE_REALTIME_TIMESTAMP": b"1796000000000000",
+        "SYSLOG_RAW": b"<28>raw",
+    }
+    this_boot = entry_record(entry, BOOT, 10**18)
+    assert this_boot.body == "café \ufffd"
+    assert (this_boot.severity, this_boot.severity_text) == (13, "WARNING")
+    assert this_boot.time_mono_ns == 5_000_000_000  # this boot: the monotonic time, corrected with the boot
+    assert this_boot.attributes == {
+        "syslog.level": 4,
+        "syslog.facility": "daemon",
+        "syslog.app_name": "modbusd",
+        "systemd.unit": "modbusd.service",
+        "process.pid": 4242,
+        "process.user.id": 0,
+        "process.executable.name": "modbusd",
+        "process.executable.path": "/usr/bin/modbusd",
+        "process.command_line": "/usr/bin/modbusd -f",
+        "host.name": "gw-7",
+        "host.id": "3d1219c7c4c5404aaa1f6d2a48adfda4",
+        "journald.transport": "journal",
+        "code.filepath": "main.c",
+        "code.lineno": 88,
+        "code.function": "poll",
+        "journald.request_id": "r-1",
+        "boot.id": "01234567-89ab-cdef-0123-456789abcdef",
+    }
+    other_boot = entry_record(entry, OTHER_BOOT, 10**18)
+    assert other_boot.time_mono_ns + 10**18 == 1796000000000000 * 1000  # another boot: the realtime stamp
+
+
+def test_command_line() -> None:
+    cfg = loads(
+        """
+[journald]
+enabled = true
+units = ["a.service", "b.service"]
+min_priority = "warning"
+matches = ["_TRANSPORT=kernel", "+", "SYSLOG_IDENTIFIER=x"]
+system_only = true
+start_at = "end"
+"""
+    )
+    source = JournaldSource(cfg)
+    assert source.command(None) == [
+        "journalctl", "-o", "export", "--no-pager", "--system", "--follow", "--lines=0",
+        "--unit", "a.service", "--unit", "b.service", "--priority=0..4",
+        "_TRANSPORT=kernel", "+", "SYSLOG_IDENTIFIER=x",
+    ]  # fmt: skip
+    assert source.command("s=1;i=2")[5:9] == ["--follow", "--after-cursor", "s=1;i=2", "--no-tail"]
+    assert source.command("s=1;i=2", follow=False)[-2:] == ["--cursor", "s=1;i=2"]
+
+
+# --- real journal files, real agent ----------------------------------------------------------------------
+
+
+@needs_tools
+def test_journal_files_fields_binary_messages_and_filters(make_agent: Any, tmp_path: Path) -> None:
+    journal = tmp_path / "journal"
+    journal.mkdir()
+    entries = numbered_entries("e", 0, 200)
+    entries += numbered_entries("other", 0, 50, unit="other.service")
+    entries.append({**numbered_entries("bin", 0, 1)[0], "MESSAGE": b"bin 0 first line\nsecond \xff line\n"})
+    write_journal(journal / "remote.journal", entries)
+    agent = make_agent(config(journal, 'units = ["app.service"]\nmin_priority = "warning"'))
+    agent.start()
+    expected = [n for n in range(200) if n % 8 <= 4]
+    wait_for(lambda: len(journal_records(agent.state_dir)) == len(expected) + 1, 60, what="filtered entries")
+    records = journal_records(agent.state_dir)
+    assert sorted(numbers(records, "e")) == expected
+    assert not numbers(records, "other")
+    binary = next(r for r in records if r["body"].startswith("bin "))
+    assert binary["body"] == "bin 0 first line\nsecond \ufffd line"
+    first = next(r for r in records if r["body"].startswith("e 0 "))
+    assert first["severity_number"] == 21 and first["severity_text"] == "EMERG"
+    assert first["attributes"]["systemd.unit"] == "app.service"
+    assert first["attributes"]["boot.id"] == "fedcba98-7654-3210-fedc-ba9876543210"
+    assert agent.stop() == 0
+
+
+def journalctl_children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=,comm=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in out.splitlines() if line.split()[1:] == ["journalctl"]]
+
+
+@needs_tools
+def test_kill_9_mid_stream_loses_and_repeats_nothing(make_agent: Any, tmp_path: Path) -> None:
+    """30000 entries; the agent is SIGKILLed three times while it reads them, then journalctl itself is killed
+    while the agent follows a second journal file: every entry is in the spool exactly once."""
+    journal = tmp_path / "journal"
+    journal.mkdir()
+    total = 30000
+    write_journal(journal / "first.journal", numbered_entries("k", 0, total))
+    agent = make_agent(config(journal))
+    kills = 0
+    for _ in range(3):
+        agent.start()
+        count = wait_for(lambda: len(journal_records(agent.state_dir)), 60, interval=0.2, what="some entries")
+        if count < total:
+            kills += 1
+        agent.kill()
+    agent.start()
+    wait_for(lambda: len(journal_records(agent.state_dir)) >= total, 180, interval=0.5, what="all entries")
+    child = wait_for(lambda: journalctl_children(agent.proc.pid), 20, what="the journalctl child")[0]
+    os.kill(child, signal.SIGKILL)
+    write_journal(journal / "second.journal", numbered_entries("k", total, 2000))
+    wait_for(lambda: len(journal_records(agent.state_dir)) >= total + 2000, 120, interval=0.5, what="followed entries")
+    assert wait_for(lambda: agent.status()["sources"]["journald"]["restarts"] >= 1, 20, what="a journalctl restart")
+    records = journal_records(agent.state_dir)
+    got = numbers(records, "k")
+    assert len(got) == len(set(got)), f"{len(got) - len(set(got))} duplicates"
+    assert sorted(got) == list(range(total + 2000))
+    assert kills >= 1, "the agent was never killed mid-stream"
+    assert agent.stop() == 0
+
+
+@needs_tools
+def test_vacuumed_cursor_resumes_at_the_oldest_entry_with_a_gap_record(make_agent: Any, tmp_path: Path) -> None:
+    journal = tmp_path / "journal"
+    journal.mkdir()
+    write_journal(journal / "old.journal", numbered_entries("old", 0, 300))
+    agent = make_agent(config(journal))
+    agent.start()
+    wait_for(lambda: len(journal_records(agent.state_dir)) == 300, 60, what="the old entries")
+    assert agent.stop() == 0
+    # While the agent is stopped the journal is vacuumed and a new file set is written.
+    (journal / "old.journal").unlink()
+    write_journal(journal / "new.journal", numbered_entries("new", 0, 300))
+    agent.start()
+    wait_for(lambda: len(numbers(journal_records(agent.state_dir), "new")) == 300, 60, what="the new entries")
+    records = journal_records(agent.state_dir)
+    assert sorted(numbers(records, "old")) == list(range(300))  # nothing read twice
+    assert sorted(numbers(records, "new")) == list(range(300))  # from the oldest entry on
+    gaps = [r for r in records if r["attributes"].get("edgeagent.loss.reason") == "journal_cursor_gone"]
+    assert len(gaps) == 1 and gaps[0]["severity_text"] == "WARN"
+    assert agent.status()["counters"]["journald_gaps"] == 1
+    assert agent.stop() == 0
