@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from edgeagent import __version__, clock, redact
+from edgeagent import __version__, clock, redact, statedir
 from edgeagent import config as config_mod
 from edgeagent.config import Config, ConfigError
 from edgeagent.otlp import ChunkEncoder
@@ -42,7 +42,7 @@ from edgeagent.pipeline import (
     UploaderContext,
 )
 from edgeagent.records import Batch, Record
-from edgeagent.spool import Spool
+from edgeagent.spool import Spool, SpoolUnavailable
 
 log = logging.getLogger("edgeagent")
 
@@ -121,6 +121,7 @@ class Agent:
         self._heap = _Heap()
         self._fleet: Any = None  # edgeagent.fleet.device.FleetDevice when [fleet] is enabled
         self._fleet_task: asyncio.Task[None] | None = None
+        self._lock = statedir.RunLock(config.state_dir)
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -132,13 +133,21 @@ class Agent:
             (signal.SIGUSR2, lambda: self._write_status("running", force=True)),  # `edgeagent status` asks
         ):
             loop.add_signal_handler(sig, handler)
-        self.spool = Spool.open(
-            self.config.spool_path,
-            max_size=self.config.spool.max_size,
-            durability=self.config.spool.durability,
-            journal=self.config.spool.journal,
-            dead_letters_max=self.config.spool.dead_letters_max,
-        )
+        os.umask(0o077)  # everything created in state_dir is the agent's user's only
+        warnings = statedir.prepare(self.config.state_dir)
+        self._lock.acquire()  # before the spool: a second agent must not touch it
+        for warning in warnings:
+            log.warning("%s", warning)
+        try:
+            return await self._run_locked()
+        finally:
+            self._lock.release()
+
+    async def _run_locked(self) -> int:
+        self.spool = await self._open_spool()
+        if self.spool is None:
+            log.info("stopped before the spool could be opened")
+            return 0
         for event in self.spool.events:
             log.error("%s", event)
         log.info(
@@ -170,18 +179,50 @@ class Agent:
                 if self._reload.is_set() and not self._stop.is_set():
                     self._reload.clear()
                     await self._apply_reload()
+                self.spool.retry_unrecorded()
                 self._write_status("running")
                 self._heap.trim()
             log.info("stopping")
             if self._fleet_task is not None:
                 self._fleet_task.cancel()
                 await asyncio.gather(self._fleet_task, return_exceptions=True)
-            await self._stop_components()
+            committed = await self._stop_components()
             self._write_status("stopped")
         finally:
             self.spool.close()
+        if not committed:
+            return 1
         log.info("stopped")
         return 0
+
+    async def _open_spool(self) -> Spool | None:
+        """Open the spool, waiting out a disk that is full, failing or read-only
+        (the files are left as they are) until it works or a stop is asked."""
+        delay, last = 1.0, ""
+        while True:
+            try:
+                spool = Spool.open(
+                    self.config.spool_path,
+                    max_size=self.config.spool.max_size,
+                    durability=self.config.spool.durability,
+                    journal=self.config.spool.journal,
+                    dead_letters_max=self.config.spool.dead_letters_max,
+                )
+            except SpoolUnavailable as e:
+                if str(e) != last:
+                    log.error("%s; retrying with backoff (status shows it)", e)
+                    last = str(e)
+                self._lock.note(f"spool unavailable: {e}")
+                try:
+                    await asyncio.wait_for(self._stop.wait(), delay)
+                    return None
+                except TimeoutError:
+                    delay = min(delay * 2, _RESTART_MAX / 2)
+                continue
+            if last:
+                log.warning("spool %s is available again", self.config.spool_path)
+            self._lock.note("")
+            return spool
 
     def _wake(self, reason: str) -> None:
         if self._uploader_ctx is not None:
@@ -196,6 +237,7 @@ class Agent:
             self._uploader_ctx = UploaderContext(self.spool, config, on_loss=self._ship_loss)
         on_commit = self._uploader_ctx.wake if self._uploader_ctx is not None else None
         self._batcher = Batcher(self.spool, encoder, self.boot_id, config.spool, on_commit=on_commit)
+        self._batcher.ship_spool_losses()  # a quarantine at open, and what its salvage lost
         source_ctx = SourceContext(self._batcher, self.spool, self.boot_id, config)
         for source in self._sources:
             self._spawn(f"source {source.name}", functools.partial(source.run, source_ctx))
@@ -238,16 +280,17 @@ class Agent:
             await asyncio.sleep(delay)
             delay = min(delay * 2, _RESTART_MAX)
 
-    async def _stop_components(self) -> None:
+    async def _stop_components(self) -> bool:
+        """Stop sources, commit what they read, let the uploader drain, stop
+        the rest. A stalled spool is retried for up to
+        `upload.shutdown_timeout`; returns False if something read could not
+        be committed (the caller then exits non-zero)."""
         source_tasks = [t for t in self._tasks if t.get_name().startswith("source ")]
         for task in source_tasks:
             task.cancel()
         await asyncio.gather(*source_tasks, return_exceptions=True)
         if self._batcher is not None:
-            try:
-                self._batcher.flush()
-            except Exception:
-                log.exception("final flush failed")
+            self._batcher.flush()
         if self._uploader is not None:
             try:
                 await asyncio.wait_for(
@@ -257,6 +300,15 @@ class Agent:
             except Exception:
                 log.exception("uploader did not drain cleanly; unacknowledged chunks stay in the spool")
         self._snapshot_components()  # `status` after a stop shows the last known states
+        committed = True
+        if self._batcher is not None and not await self._batcher.drain(self.config.upload.shutdown_timeout):
+            committed = False
+            log.error(
+                "stopping with %s not committed (%s): lines still in their files or the kernel ring buffer are "
+                "read again at the next start; the rest is lost",
+                self._batcher.pending_summary(),
+                self._batcher.last_error,
+            )
         rest = [t for t in self._tasks if t not in source_tasks]
         for task in rest:
             task.cancel()
@@ -265,7 +317,7 @@ class Agent:
         self._sources = []
         self._uploader = None
         self._uploader_ctx = None
-        self._batcher = None
+        return committed
 
     async def _apply_reload(self) -> None:
         path = self.config.source_path
@@ -396,6 +448,9 @@ class Agent:
         }
         if self._fleet is not None:
             status["fleet"] = self._fleet.status()
+        stall = self._batcher.last_error if self._batcher is not None and self._batcher.stalled else ""
+        status["agent"]["spool"] = f"unavailable: {stall}" if stall else "ok"
+        self._lock.note(f"spool unavailable: {stall}" if stall else "")  # status reads it when the spool cannot
         text = json.dumps(status, sort_keys=True, default=str)
         if text == self._last_status and not force:
             return
@@ -404,8 +459,9 @@ class Agent:
         try:
             self.spool.set_status(status)
             self._last_status = text
-        except Exception:
-            log.exception("writing status failed")
+        except Exception as e:
+            if not stall:
+                log.warning("writing status failed: %s", e)
 
 
 def _safe_status(component: Any) -> dict[str, Any]:

@@ -109,10 +109,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from edgeagent import agent
     from edgeagent.config import ConfigError
     from edgeagent.spool import SpoolError
+    from edgeagent.statedir import AlreadyRunning
 
     try:
         return agent.run(cfg)
-    except SpoolError as e:
+    except (SpoolError, AlreadyRunning) as e:
         raise CliError(str(e)) from None
     except ConfigError as e:
         raise CliError(str(e), EXIT_CONFIG) from None
@@ -150,6 +151,7 @@ def _read_status(cfg: Any) -> dict[str, Any]:
         "files": {},
     }
     if spool is None:
+        _overlay_run_lock(cfg, out)
         return out
     try:
         out.update(spool.status())
@@ -164,7 +166,25 @@ def _read_status(cfg: Any) -> dict[str, Any]:
     agent = out.get("agent", {})
     if agent.get("state") == "running" and not _alive(agent.get("pid")):
         agent["state"] = "not running (last seen running; killed or crashed)"
+    _overlay_run_lock(cfg, out)
     return out
+
+
+def _overlay_run_lock(cfg: Any, out: dict[str, Any]) -> None:
+    """What the running agent says in its run lock: its pid even before it
+    could open the spool, and why the spool is unavailable, if it is."""
+    from edgeagent.statedir import holder
+
+    pid, note = holder(cfg.state_dir)
+    if pid is None:
+        return
+    agent = out.setdefault("agent", {})
+    if agent.get("pid") != pid:
+        from edgeagent import __version__
+
+        out["agent"] = agent = {"state": "starting", "pid": pid, "version": __version__}
+    if note:
+        agent["state"] = note
 
 
 def _alive(pid: Any) -> bool:
@@ -291,9 +311,10 @@ def _age(seconds: float) -> str:
 
 def cmd_wake(args: argparse.Namespace) -> int:
     cfg = _load_config(args)
-    agent = _read_status(cfg).get("agent", {})
-    pid = agent.get("pid")
-    if agent.get("state") != "running" or not _alive(pid):
+    from edgeagent.statedir import holder
+
+    pid = holder(cfg.state_dir)[0]  # the run lock's holder: right even while its spool is unavailable
+    if pid is None or not _alive(pid):
         raise CliError(f"no running agent found for {cfg.spool_path} (is `edgeagent run` running with this config?)")
     os.kill(pid, signal.SIGUSR1)
     return 0

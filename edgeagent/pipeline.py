@@ -76,7 +76,20 @@ class Uploader(Protocol):
 
 
 class Batcher:
-    """Groups batches into chunks and commits them with their positions."""
+    """Groups batches into chunks and commits them with their positions.
+
+    Chunks never hold more than `chunk_max_records` records or
+    `chunk_max_bytes` bytes of text: what is pending is cut into as many
+    chunks as needed (a single record larger than `chunk_max_bytes` gets a
+    chunk of its own; sources cut lines at their `max_line_size`).
+
+    When a commit fails (disk full, I/O error, read-only file system), nothing
+    pending is dropped: the batcher is *stalled*, retries with backoff, and
+    `accepting` is False so sources stop reading until a commit succeeds
+    (`wait_writable`). Positions are committed only with their records.
+    """
+
+    RETRY_MAX = 5.0
 
     def __init__(
         self,
@@ -95,7 +108,7 @@ class Batcher:
         self.on_commit = on_commit
         self._compressor = zstandard.ZstdCompressor(level=3, write_checksum=True)
         self._pending: list[Batch] = []
-        self._positions: dict[str, str] = {}
+        self._positions: dict[str, str | None] = {}  # None: forget the position
         self._counters: dict[str, int] = {}
         self._records = 0
         self._bytes = 0
@@ -117,6 +130,20 @@ class Batcher:
             self._pending.append(batch)
             self._records += len(batch.records)
             self._bytes += batch.body_bytes()
+        self._schedule()
+
+    def forget(self, keys: list[str]) -> None:
+        """Drop the stored positions `keys` with the next commit (in the same
+        transaction as what was read before, so a replay cannot resurrect them)."""
+        for key in keys:
+            self._positions[key] = None
+        self._schedule()
+
+    def pending_positions(self) -> dict[str, str | None]:
+        """Positions handed over but not committed yet (None: to be forgotten)."""
+        return dict(self._positions)
+
+    def _schedule(self) -> None:
         if self.stalled:
             return  # the retry timer commits once the spool accepts writes again
         if self._records >= self.config.chunk_max_records or self._bytes >= self.config.chunk_max_bytes:
@@ -129,6 +156,11 @@ class Batcher:
         """The last commit failed (disk full, I/O error): pending records are
         kept, nothing is dropped, and sources should stop reading."""
         return not self._committing.is_set()
+
+    @property
+    def accepting(self) -> bool:
+        """Whether sources may read more: False while commits fail."""
+        return self._committing.is_set()
 
     async def wait_committing(self) -> None:
         await self._committing.wait()
@@ -151,18 +183,16 @@ class Batcher:
         self._timer = None
         self.flush()
 
-    def flush(self) -> None:
-        """Encode, compress and commit what is pending, in one transaction."""
+    def flush(self) -> bool:
+        """Encode, compress and commit what is pending, in one transaction.
+        Returns False when the commit failed (everything stays pending)."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         if not (self._pending or self._positions or self._counters):
-            return
+            return True
         state = self.clock.state()
-        by_boot: dict[str, list[Batch]] = {}
-        for batch in self._pending:
-            by_boot.setdefault(batch.boot_id, []).append(batch)
-        chunks = [self._encode(boot, batches, state) for boot, batches in by_boot.items()]
+        chunks = [self._encode(boot, batches, state) for boot, batches in self._chunk_groups()]
         boot = None
         if self._boot_state is None or (
             state.synced != self._boot_state.synced or abs(state.offset_ns - self._boot_state.offset_ns) > Clock.JUMP_NS
@@ -171,17 +201,10 @@ class Batcher:
         try:
             evictions = self.spool.append(chunks, self._positions, self._counters, boot)
         except Exception as e:
-            # Keep everything pending: the positions were not stored either, so
-            # nothing is lost even if the agent dies before the retry succeeds.
-            if not self.stalled:
-                log.error("committing %d records to the spool failed (%s); retrying, sources paused", self._records, e)
-            self.last_error = f"{type(e).__name__}: {e}"
-            self._committing.clear()
-            self._arm_timer(self._retry_delay)
-            self._retry_delay = min(self._retry_delay * 2, 30.0)
-            return
+            self._stall(e)
+            return False
         if self.stalled:
-            log.info("spool accepts writes again; sources resume")
+            log.warning("spool accepts writes again; sources resume")
             self._committing.set()
         self._retry_delay = self.config.flush_interval
         self.last_error = ""
@@ -193,9 +216,54 @@ class Batcher:
         self._records = 0
         self._bytes = 0
         if evictions:
-            self._report_evictions(evictions, state)
+            self._report_evictions(evictions)
+        self.ship_spool_losses()
         if chunks and self.on_commit is not None:
             self.on_commit()
+        return True
+
+    def _stall(self, error: Exception) -> None:
+        """Keep everything pending: the positions were not stored either, so
+        nothing is lost even if the agent dies before the retry succeeds."""
+        if not self.stalled:
+            log.error("committing %d records to the spool failed (%s); retrying, sources paused", self._records, error)
+        self.last_error = f"{type(error).__name__}: {error}"
+        self._committing.clear()
+        self._arm_timer(self._retry_delay)
+        self._retry_delay = min(self._retry_delay * 2, self.RETRY_MAX)
+
+    async def drain(self, timeout: float) -> bool:
+        """Commit what is pending, retrying for up to `timeout` seconds while
+        the spool refuses writes (a stop during a stall). True when nothing is
+        left pending."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not self.flush():
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                return False
+            await asyncio.sleep(min(self._retry_delay, left))
+        return True
+
+    def pending_summary(self) -> str:
+        return f"{self._records} records, {len(self._positions)} positions, {len(self._counters)} counters"
+
+    def _chunk_groups(self) -> list[tuple[str, list[Batch]]]:
+        """Pending batches cut into chunks within the limits, per boot, in order."""
+        max_records, max_bytes = self.config.chunk_max_records, self.config.chunk_max_bytes
+        done: list[tuple[str, list[Batch]]] = []
+        open_groups: dict[str, tuple[list[Batch], list[int]]] = {}  # boot -> (batches, [records, bytes])
+        for batch in self._pending:
+            for part in _split_batch(batch, max_records, max_bytes):
+                batches, size = open_groups.setdefault(part.boot_id, ([], [0, 0]))
+                records, raw = len(part.records), part.body_bytes()
+                if batches and (size[0] + records > max_records or size[1] + raw > max_bytes):
+                    done.append((part.boot_id, batches))
+                    batches, size = open_groups[part.boot_id] = ([], [0, 0])
+                batches.append(part)
+                size[0] += records
+                size[1] += raw
+        done.extend((boot, batches) for boot, (batches, _) in open_groups.items() if batches)
+        return done
 
     def _encode(self, boot_id: str, batches: list[Batch], state: ClockState) -> NewChunk:
         if boot_id == self.boot_id:
@@ -215,34 +283,83 @@ class Batcher:
         payload = self._compressor.compress(self.encoder.encode(batches, offset, synced))
         return NewChunk(payload, records, raw, max_severity, boot_id, offset, synced)
 
-    def _report_evictions(self, evictions: list[Eviction], state: ClockState) -> None:
-        records = []
-        for ev in evictions:
-            records.append(
-                Record(
-                    f"edgeagent: spool full, dropped {ev.records} records in {ev.chunks} chunks "
-                    f"({ev.bytes} bytes compressed) to stay under the spool size cap",
-                    SEVERITY_WARN,
-                    "WARN",
-                    {
-                        "edgeagent.loss.reason": "spool_full",
-                        "edgeagent.loss.records": ev.records,
-                        "edgeagent.loss.chunks": ev.chunks,
-                        "edgeagent.loss.oldest_unix_nano": ev.oldest_ns,
-                        "edgeagent.loss.newest_unix_nano": ev.newest_ns,
-                    },
-                )
+    def _report_evictions(self, evictions: list[Eviction]) -> None:
+        records = [
+            Record(
+                f"edgeagent: spool full, dropped {ev.records} records in {ev.chunks} chunks "
+                f"({ev.bytes} bytes compressed) to stay under the spool size cap",
+                SEVERITY_WARN,
+                "WARN",
+                {
+                    "edgeagent.loss.reason": "spool_full",
+                    "edgeagent.loss.records": ev.records,
+                    "edgeagent.loss.chunks": ev.chunks,
+                    "edgeagent.loss.oldest_unix_nano": ev.oldest_ns,
+                    "edgeagent.loss.newest_unix_nano": ev.newest_ns,
+                },
             )
-        batch = Batch(AGENT_SOURCE, records, monotonic_ns(), self.boot_id)
-        try:
-            self.spool.append([self._encode(self.boot_id, [batch], state)])
-        except Exception as e:
-            # The counters were committed with the eviction; only the record is missing.
-            log.error("could not store the eviction record: %s", e)
+            for ev in evictions
+        ]
+        self._ship(records)
+
+    def ship_spool_losses(self) -> None:
+        """Quarantines and what a salvage could not recover, as records (guarantee 5)."""
+        losses = self.spool.take_losses()
+        if losses:
+            self._ship([Record(text, SEVERITY_WARN, "WARN", attributes) for text, attributes in losses])
+
+    def _ship(self, records: list[Record]) -> None:
+        """Records about the agent's own losses: committed at once (the counters
+        already were), or kept pending like any record if the spool refuses."""
+        self.add(Batch(AGENT_SOURCE, records, monotonic_ns(), self.boot_id))
+        if not self.stalled:
+            self.flush()
+
+
+def _body_len(record: Record | bytes) -> int:
+    if isinstance(record, bytes):
+        return len(record)
+    body = record.body
+    return len(body) if isinstance(body, bytes) else len(body.encode())
+
+
+def _split_batch(batch: Batch, max_records: int, max_bytes: int) -> list[Batch]:
+    """`batch` cut into parts within the chunk limits (a record is never cut)."""
+    if len(batch.records) <= max_records and batch.body_bytes() <= max_bytes:
+        return [batch]
+    parts: list[Batch] = []
+    start = size = 0
+    records = batch.records
+    for i, record in enumerate(records):
+        n = _body_len(record)
+        if i > start and (i - start >= max_records or size + n > max_bytes):
+            parts.append(
+                Batch(
+                    batch.source,
+                    records[start:i],
+                    batch.observed_mono_ns,
+                    batch.boot_id,
+                    batch.attributes,
+                    raw_bytes=size,
+                )
+            )  # type: ignore[arg-type]
+            start, size = i, 0
+        size += n
+    parts.append(
+        Batch(batch.source, records[start:], batch.observed_mono_ns, batch.boot_id, batch.attributes, raw_bytes=size)
+    )  # type: ignore[arg-type]
+    return parts
 
 
 class SourceContext:
-    """What a source may do: read its stored positions, emit batches, count."""
+    """What a source may do: read its stored positions, emit batches, count.
+
+    Back-pressure: while the spool cannot commit, `accepting` is False; a
+    source checks it (or awaits `wait_writable()`) before reading more, so
+    memory stays bounded and nothing is read that could not be stored.
+    `emit` waits by itself; `emit_nowait` (for reader callbacks) never refuses
+    what was already read.
+    """
 
     def __init__(self, batcher: Batcher, spool: Spool, boot_id: str, config: Config) -> None:
         self._batcher = batcher
@@ -251,25 +368,58 @@ class SourceContext:
         self.config = config
 
     def positions(self, prefix: str) -> dict[str, str]:
-        """Stored positions whose key starts with `prefix`. Pending batches are
-        committed first: a source restarted by the supervisor must not resume
-        behind records it already handed over (they would be read twice)."""
-        self._batcher.flush()
+        """Positions whose key starts with `prefix`, as the source handed them
+        over: the stored ones overlaid with those still pending in the batcher.
+        A source restarted after a crash (or during a stall) resumes after what
+        it already handed over, never behind it: nothing is read twice."""
+        stored = self._spool.positions(prefix)
+        for key, value in self._batcher.pending_positions().items():
+            if key.startswith(prefix):
+                if value is None:
+                    stored.pop(key, None)
+                else:
+                    stored[key] = value
+        return stored
+
+    def committed_positions(self, prefix: str) -> dict[str, str]:
+        """Positions already committed to the spool (with their records)."""
         return self._spool.positions(prefix)
 
     def forget_positions(self, keys: list[str]) -> None:
-        """Drop positions of streams that are gone for good (after pending
-        batches are committed, so a replay cannot resurrect them)."""
-        self._batcher.flush()
-        self._spool.delete_positions(keys)
+        """Drop positions of streams that are gone for good, in the same commit
+        as what was read before (never raises: a stall only delays it)."""
+        self._batcher.forget(keys)
 
     def boot_offset(self, boot_id: str) -> tuple[int, bool] | None:
         """The clock offset stored for a (previous) boot, if any."""
         return self._spool.boot_offset(boot_id)
 
+    @property
+    def accepting(self) -> bool:
+        """False while the spool cannot commit: read nothing more until `wait_writable()`."""
+        return self._batcher.accepting
+
+    async def wait_writable(self) -> None:
+        """Return once the spool accepts commits (at once when it does)."""
+        await self._batcher.wait_committing()
+
+    def pause_reader(self, fd: int, callback: Callable[[], None], still_wanted: Callable[[], bool]) -> None:
+        """For sources that read in loop reader callbacks: stop watching `fd`
+        until the spool accepts commits, then watch it again with `callback`
+        if `still_wanted()` (the source may have closed it meanwhile)."""
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(fd)
+
+        def resume(_: object) -> None:
+            if still_wanted():
+                loop.add_reader(fd, callback)
+
+        asyncio.ensure_future(self.wait_writable()).add_done_callback(resume)
+
     async def emit(self, batch: Batch) -> None:
         """Hand over records and the position after them. Yields to the loop so
-        one busy source cannot starve the others or the uploader."""
+        one busy source cannot starve the others or the uploader; waits while
+        the spool cannot commit."""
         self._batcher.add(batch)
         if self._batcher.stalled:
             await self._batcher.wait_committing()
@@ -277,6 +427,8 @@ class SourceContext:
             await asyncio.sleep(0)
 
     def emit_nowait(self, batch: Batch) -> None:
+        """`emit` for reader callbacks: never refuses what was read; the caller
+        checks `accepting` before reading more."""
         self._batcher.add(batch)
 
     @property

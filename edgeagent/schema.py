@@ -4,7 +4,9 @@ Run as `python -m edgeagent.schema SPOOL_PATH [--exclusive]` by the spool when
 its `user_version` is behind `SCHEMA_VERSION`, in a child process, so a running
 agent never carries sqlite-utils (and click, dateutil, pluggy) in RAM. Each
 migration step takes the spool from version N to N+1 inside one transaction; a
-spool written by a newer version is refused by the caller.
+spool written by a newer version is refused by the caller. A failure is reported
+as `sqlite error <code>: <message>` on stderr (exit 3), so the caller can tell a
+corrupt file from a disk that is full or failing.
 """
 
 from __future__ import annotations
@@ -75,15 +77,20 @@ def migrate(conn: sqlite3.Connection, current: int, target: int) -> None:
 def main(argv: list[str]) -> int:
     from edgeagent.spool import SCHEMA_VERSION
 
-    conn = sqlite3.connect(argv[0], isolation_level=None, timeout=10.0)
     try:
-        if "--exclusive" in argv[1:]:
-            conn.execute("PRAGMA locking_mode = EXCLUSIVE")
-        current = conn.execute("PRAGMA user_version").fetchone()[0]
-        if current < SCHEMA_VERSION:
-            migrate(conn, current, SCHEMA_VERSION)
-    finally:
-        conn.close()
+        conn = sqlite3.connect(argv[0], isolation_level=None, timeout=10.0)
+        try:
+            if "--exclusive" in argv[1:]:
+                conn.execute("PRAGMA locking_mode = EXCLUSIVE")
+            current = conn.execute("PRAGMA user_version").fetchone()[0]
+            if current < SCHEMA_VERSION:
+                migrate(conn, current, SCHEMA_VERSION)
+        finally:
+            conn.close()
+    except sqlite3.Error as e:
+        # The parent tells corruption (quarantine) from unavailability (wait) by this code.
+        print(f"sqlite error {getattr(e, 'sqlite_errorcode', 1)}: {e}", file=sys.stderr)
+        return 3
     return 0
 
 

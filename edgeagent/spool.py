@@ -19,34 +19,53 @@ the filesystem by incremental vacuum once they exceed `_VACUUM_SLACK`; SQLite
 checkpoints the WAL every `wal_limit_for(cap)` bytes and truncates it to that
 size; the agent truncates it fully when it stops.
 
-Corruption (guarantee 6): at open, a spool that SQLite cannot read or whose
-quick_check fails is moved aside as `spool.db.corrupt-<time>`, what can still
-be read from it (positions, boots, counters, chunks whose zstd checksum
-verifies) is copied into a fresh spool, and the event is counted.
+Unavailable is not corrupt (guarantee 6): disk full, I/O errors, a read-only
+file system, permissions and locks raise `SpoolUnavailable` at open (the files
+are left exactly as they were; the caller waits and retries) and
+`sqlite3.OperationalError` from `append` (nothing stored; the caller keeps it).
+Acks and rejects never raise for a full disk: a preallocated reserve file is
+released so that deletions can commit, and an outcome that still cannot be
+written is remembered, kept from the uploader and retried before every write.
+
+Corruption: only SQLITE_CORRUPT / SQLITE_NOTADB, a failed quick_check or a
+failed checksum count. Such a spool is moved aside as
+`spool.db.corrupt-<time>`, what can still be read from it (positions, boots,
+counters, chunks whose checksums verify) is copied into a fresh spool in one
+transaction, what could not be is counted and handed out as a loss record
+(`take_losses`), and only then is the copy renamed `.salvaged-<time>`; copies
+not salvaged yet are never deleted. Every file is created 0600.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 import sqlite3
 import subprocess
 import sys
 import time
 import uuid
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from edgeagent.statedir import filesystem_type
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 _WARN = 13
 _VACUUM_SLACK = 1024 * 1024
-_QUARANTINE_KEEP = 2
+_QUARANTINE_KEEP = 2  # salvaged copies kept for inspection; copies not salvaged yet are never deleted
+_DISK_MARGIN = 64 * 1024
+_RESERVE_BYTES = 256 * 1024  # released on a full disk so that deletes (acks) can still commit
+_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
+_FILE_MODE, _DIR_MODE = 0o600, 0o700
 
 _CHUNK_COLUMNS = (
     "id, chunk_id, created_ns, boot_id, clock_offset_ns, clock_synced, records, raw_bytes, max_severity, payload, crc32"
@@ -55,6 +74,33 @@ _CHUNK_COLUMNS = (
 
 class SpoolError(Exception):
     """The spool cannot be used (newer schema, unwritable state dir)."""
+
+
+class SpoolUnavailable(SpoolError):
+    """The spool cannot be opened or written right now (disk full, I/O error,
+    read-only file system, permission, locked). Nothing was changed: wait and
+    retry. Never a reason to quarantine."""
+
+
+class _Corrupt(sqlite3.DatabaseError):
+    """A check of ours found corruption (quick_check, checksum)."""
+
+
+def is_corruption(error: BaseException) -> bool:
+    """True only for real corruption: SQLITE_CORRUPT / SQLITE_NOTADB or a
+    failed check. Disk full, I/O errors, read-only and locked are not."""
+    if isinstance(error, _Corrupt):
+        return True
+    code = getattr(error, "sqlite_errorcode", None)
+    return (
+        isinstance(error, sqlite3.DatabaseError)
+        and code is not None
+        and code & 0xFF
+        in (
+            _SQLITE_CORRUPT,
+            _SQLITE_NOTADB,
+        )
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,10 +151,15 @@ def wal_limit_for(max_size: int) -> int:
 
 def _disk_room(path: Path) -> int:
     """Bytes the spool could occupy: its files now plus what the filesystem
-    has free for unprivileged writers, less a small safety margin."""
+    has free for unprivileged writers, less a small safety margin. When less
+    than the margin is free, something else filled the disk: evicting would
+    not make room for long, so the room is unbounded here and the next write
+    fails instead (the batcher waits; nothing is dropped)."""
     try:
         st = os.statvfs(path.parent)
     except OSError:
+        return 1 << 62
+    if st.f_bavail * st.f_frsize < _DISK_MARGIN:
         return 1 << 62
     used = 0
     for suffix in ("", "-wal"):
@@ -116,26 +167,7 @@ def _disk_room(path: Path) -> int:
             used += os.stat(str(path) + suffix).st_size
         except OSError:
             pass
-    return max(used + st.f_bavail * st.f_frsize - 64 * 1024, 0)
-
-
-def _fs_type(path: Path) -> str:
-    """Filesystem type of the mount holding `path` (from /proc/self/mountinfo)."""
-    best, best_type = "", ""
-    target = str(path.resolve())
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8") as f:
-            for line in f:
-                parts = line.split()
-                mount_point = parts[4].replace("\\040", " ")
-                fs_type = parts[parts.index("-") + 1]
-                if (target == mount_point or target.startswith(mount_point.rstrip("/") + "/")) and len(
-                    mount_point
-                ) >= len(best):
-                    best, best_type = mount_point, fs_type
-    except (OSError, ValueError, IndexError):
-        pass
-    return best_type
+    return max(used + st.f_bavail * st.f_frsize - _DISK_MARGIN, 0)
 
 
 class Spool:
@@ -153,6 +185,12 @@ class Spool:
         self._synchronous = "FULL" if durability == "full" else "NORMAL"
         self._journal_requested = journal
         self.events: list[str] = []  # what happened at open (quarantine, salvage), for the log
+        self._losses: list[tuple[str, dict[str, Any]]] = []  # loss records to ship (guarantee 5)
+        # Outcomes the uploader reported that could not be written yet (disk full):
+        # retried before every write, and those chunks are not handed out again.
+        self._unrecorded_acks: set[int] = set()
+        self._unrecorded_rejects: dict[int, str] = {}
+        self._reserve = Path(str(path) + ".reserve")
         row = conn.execute("SELECT COALESCE(SUM(length(payload)), 0), COUNT(*) FROM chunks").fetchone()
         self._payload_bytes: int = row[0]
         self._chunk_count: int = row[1]
@@ -169,34 +207,52 @@ class Spool:
         journal: str = "auto",
         dead_letters_max: int = 4 * 1024**2,
     ) -> Spool:
+        """Open (create, migrate, check) the spool. Raises SpoolUnavailable when
+        the disk or file cannot be used now (the files are left as they were),
+        SpoolError when it never will be. Only a corrupt file is moved aside."""
         path = Path(path)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
         except OSError as e:
             raise SpoolError(f"cannot create state dir {path.parent}: {e.strerror}") from None
         if not os.access(path.parent, os.W_OK):
-            raise SpoolError(f"state dir {path.parent} is not writable (run as a user that owns it)")
+            reason = "read-only file system" if os.statvfs(path.parent).f_flag & os.ST_RDONLY else "permission denied"
+            raise SpoolUnavailable(
+                f"spool {path} is unavailable: state dir {path.parent} is not writable ({reason}; "
+                "run as a user that owns it)"
+            )
         events: list[str] = []
         try:
-            conn, mode = cls._connect(path, durability, journal, max_size)
-            cls._check(conn)
-        except SpoolError:
-            raise
-        except sqlite3.DatabaseError as e:
-            events.extend(cls._quarantine_and_salvage(path, str(e), durability, journal, max_size))
-            conn, mode = cls._connect(path, durability, journal, max_size)
+            _secure_files(path)
+            try:
+                conn, mode = cls._connect(path, durability, journal, max_size)
+            except sqlite3.Error as e:
+                if not is_corruption(e):
+                    raise
+                events.append(cls._quarantine(path, str(e)))
+                conn, mode = cls._connect(path, durability, journal, max_size)
+            try:
+                losses = _salvage_pending(path, conn)
+            except BaseException:
+                conn.close()
+                raise
+        except sqlite3.Error as e:
+            raise SpoolUnavailable(f"spool {path} is unavailable: {e}") from None
+        except OSError as e:
+            raise SpoolUnavailable(f"spool {path} is unavailable: {e.strerror or e}") from None
         spool = cls(conn, path, max_size, durability, mode, dead_letters_max)
         spool._journal_requested = journal
-        spool.events = events
-        if events:
-            spool.add_counters({"spool_quarantined": 1})
+        spool.events = events + [text for text, _ in losses]
+        spool._losses = losses
+        spool._ensure_reserve()
         return spool
 
     @staticmethod
     def _connect(path: Path, durability: str, journal: str, max_size: int) -> tuple[sqlite3.Connection, str]:
+        """Connect, migrate and check. Raises sqlite3 errors (corrupt or not)."""
         mode = journal
         if journal == "auto":
-            mode = "exclusive" if _fs_type(path.parent) in ("jffs2", "cramfs") else "wal"
+            mode = "exclusive" if filesystem_type(path.parent) in ("jffs2", "cramfs") else "wal"
         Spool._migrate(path, exclusive=mode == "exclusive")
         conn = sqlite3.connect(path, isolation_level=None, timeout=10.0)
         try:
@@ -222,6 +278,9 @@ class Spool:
             # Chunks are written once and read once: a large page cache buys
             # nothing but resident memory (SQLite's default is 2 MiB).
             conn.execute("PRAGMA cache_size = -512")
+            result = conn.execute("PRAGMA quick_check").fetchall()
+            if result != [("ok",)]:
+                raise _Corrupt("quick_check: " + "; ".join(r[0] for r in result[:3]))
         except BaseException:
             conn.close()
             raise
@@ -250,43 +309,27 @@ class Spool:
         command = [sys.executable, "-m", "edgeagent.schema", str(path)] + (["--exclusive"] if exclusive else [])
         done = subprocess.run(command, capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
-            detail = done.stderr.strip().splitlines()[-1:] or ["no output"]
-            if "malformed" in detail[0] or "not a database" in detail[0]:
-                raise sqlite3.DatabaseError(detail[0])
-            raise SpoolError(f"creating or migrating the spool schema of {path} failed: {detail[0]}")
+            detail = (done.stderr.strip().splitlines()[-1:] or ["no output"])[0]
+            code = re.match(r"sqlite error (\d+): ", detail)
+            if code is None:
+                raise SpoolError(f"creating or migrating the spool schema of {path} failed: {detail}")
+            error = sqlite3.OperationalError(detail)
+            error.sqlite_errorcode = int(code.group(1))  # type: ignore[attr-defined]
+            if is_corruption(error):
+                raise _Corrupt(detail)
+            raise error
 
     @staticmethod
-    def _check(conn: sqlite3.Connection) -> None:
-        result = conn.execute("PRAGMA quick_check").fetchall()
-        if result != [("ok",)]:
-            raise sqlite3.DatabaseError("quick_check: " + "; ".join(r[0] for r in result[:3]))
-
-    @classmethod
-    def _quarantine_and_salvage(
-        cls, path: Path, reason: str, durability: str, journal: str, max_size: int
-    ) -> list[str]:
-        stamp = time.strftime("%Y%m%dT%H%M%S")
+    def _quarantine(path: Path, reason: str) -> str:
+        """Move a corrupt spool aside (its salvage follows, see `_salvage_pending`)."""
+        now = time.time_ns()
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.localtime(now // 10**9)) + f".{now % 10**9:09d}"
         aside = path.with_name(f"{path.name}.corrupt-{stamp}")
-        events = [f"spool {path} is corrupt ({reason}); moved aside to {aside}"]
         for suffix in ("", "-wal", "-shm"):
             src = Path(str(path) + suffix)
             if src.exists():
                 os.replace(src, Path(str(aside) + suffix))
-        old = sorted(path.parent.glob(f"{path.name}.corrupt-*[0-9]"))
-        for stale in old[:-_QUARANTINE_KEEP]:
-            for suffix in ("", "-wal", "-shm"):
-                Path(str(stale) + suffix).unlink(missing_ok=True)
-        conn, _ = cls._connect(path, durability, journal, max_size)
-        try:
-            counts = _salvage(aside, conn)
-        finally:
-            conn.close()
-        events.append(
-            "salvaged from {src}: {positions} positions, {chunks} chunks ({lost} unreadable chunks lost)".format(
-                src=aside.name, **counts
-            )
-        )
-        return events
+        return f"spool {path} is corrupt ({reason}); moved aside to {aside}"
 
     @classmethod
     def open_readonly(cls, path: Path) -> Spool | None:
@@ -304,10 +347,47 @@ class Spool:
 
     def close(self) -> None:
         try:
+            self.retry_unrecorded()
             self.checkpoint()
         except sqlite3.Error:
             pass
         self._conn.close()
+
+    def take_losses(self) -> list[tuple[str, dict[str, Any]]]:
+        """Loss records (text, attributes) about the spool itself to ship:
+        quarantines and what their salvage could not recover."""
+        losses, self._losses = self._losses, []
+        return losses
+
+    # --- the reserve: room for deletes on a full disk ---------------------------------
+
+    def _ensure_reserve(self) -> None:
+        """Keep a small preallocated file next to the spool while the disk has
+        room. On a full disk it is released so that acknowledged chunks can
+        still be deleted: deleting is how space comes back."""
+        if self.journal == "readonly" or self._reserve.exists():
+            return
+        try:
+            st = os.statvfs(self.path.parent)
+            if st.f_bavail * st.f_frsize < 8 * _RESERVE_BYTES:
+                return
+            fd = os.open(self._reserve, os.O_WRONLY | os.O_CREAT, _FILE_MODE)
+            try:
+                os.posix_fallocate(fd, 0, _RESERVE_BYTES)
+            finally:
+                os.close(fd)
+        except OSError:
+            self._reserve.unlink(missing_ok=True)
+
+    def _release_reserve(self) -> bool:
+        try:
+            self._reserve.unlink()
+        except OSError:
+            return False
+        log.warning(
+            "disk full under %s: released the %d byte reserve to record deletions", self.path.parent, _RESERVE_BYTES
+        )
+        return True
 
     # --- writing ------------------------------------------------------------------
 
@@ -317,63 +397,56 @@ class Spool:
     def append(
         self,
         chunks: Sequence[NewChunk] = (),
-        positions: dict[str, str] | None = None,
+        positions: dict[str, str | None] | None = None,
         counters: dict[str, int] | None = None,
         boot: tuple[str, int, bool] | None = None,
     ) -> list[Eviction]:
-        """Store `chunks` and `positions` in one synced transaction.
+        """Store `chunks` and `positions` (None: delete that position) in one
+        synced transaction.
 
         `boot` = (boot_id, clock_offset_ns, synced) records the boot's clock
         offset for time correction at upload. Returns what had to be evicted
-        to make room (the caller ships a record about it).
+        to make room (the caller ships a record about it). Raises
+        sqlite3.OperationalError when the disk cannot take the write (full,
+        I/O error, read-only): nothing was stored, the caller keeps it and
+        retries.
         """
+        self.retry_unrecorded()
         incoming = sum(len(c.payload) for c in chunks)
         try:
             evictions = self._make_room(incoming) if chunks else []
-        except sqlite3.DatabaseError as e:
-            if isinstance(e, sqlite3.OperationalError):
-                raise
-            self._recover(str(e))
-            evictions = []
-        try:
-            self._insert(chunks, positions, counters, boot)
-        except sqlite3.OperationalError as e:
-            if "full" not in str(e) or not self._chunk_count:
-                raise
-            # The filesystem filled up before the spool reached its cap: free
-            # room inside the file (its free pages are reused without growing
-            # it) by evicting as if the cap were where the disk is, then retry once.
-            log.error("disk full under %s: evicting to make room", self.path.parent)
-            evictions += self._make_room(incoming, need=max(incoming * 2, self._payload_bytes // 10))
-            # Copy the WAL into the pages the eviction freed and truncate it:
-            # the next commit needs room in the WAL, not inside the database.
-            self.checkpoint()
             self._insert(chunks, positions, counters, boot)
         except sqlite3.DatabaseError as e:
+            if not is_corruption(e):
+                raise
             # Malformed pages found while the agent runs (flash errors): the
             # same treatment as at start-up, then the write goes to the new file.
             self._recover(str(e))
+            evictions = []
             self._insert(chunks, positions, counters, boot)
         self._payload_bytes += incoming
         self._chunk_count += len(chunks)
+        self._ensure_reserve()
         return evictions
 
     def _recover(self, reason: str) -> None:
         self._conn.close()
-        self.events = self._quarantine_and_salvage(
-            self.path, reason, self.durability, self._journal_requested, self.max_size
-        )
+        self.events = [self._quarantine(self.path, reason)]
         self._conn, self.journal = self._connect(self.path, self.durability, self._journal_requested, self.max_size)
+        losses = _salvage_pending(self.path, self._conn)
+        self.events += [text for text, _ in losses]
+        self._losses += losses
+        self._unrecorded_acks.clear()  # the salvage copied what was in the file; ids are the same
+        self._unrecorded_rejects.clear()
         row = self._conn.execute("SELECT COALESCE(SUM(length(payload)), 0), COUNT(*) FROM chunks").fetchone()
         self._payload_bytes, self._chunk_count = row
         for event in self.events:
             log.error("%s", event)
-        self.add_counters({"spool_quarantined": 1})
 
     def _insert(
         self,
         chunks: Sequence[NewChunk],
-        positions: dict[str, str] | None,
+        positions: dict[str, str | None] | None,
         counters: dict[str, int] | None,
         boot: tuple[str, int, bool] | None,
     ) -> None:
@@ -411,8 +484,9 @@ class Spool:
                 c.executemany(
                     "INSERT INTO positions (key, value, updated_ns) VALUES (?,?,?) "
                     "ON CONFLICT(key) DO UPDATE SET value = excluded.value, updated_ns = excluded.updated_ns",
-                    [(k, v, now) for k, v in positions.items()],
+                    [(k, v, now) for k, v in positions.items() if v is not None],
                 )
+                c.executemany("DELETE FROM positions WHERE key = ?", [(k,) for k, v in positions.items() if v is None])
             if counters:
                 _bump(c, counters)
             if boot is not None:
@@ -472,25 +546,75 @@ class Spool:
         return [ev]
 
     def ack(self, ids: Iterable[int]) -> int:
-        """Delete acknowledged chunks. Returns how many were still there."""
-        ids = list(ids)
+        """Delete acknowledged chunks. Returns how many were still there.
+
+        Never raises for a full disk: if the deletion cannot be written (even
+        after releasing the reserve), it is remembered, retried before every
+        later write, and the chunks are not handed out again meanwhile."""
+        ids = [i for i in ids if i not in self._unrecorded_acks]
         if not ids:
             return 0
         rows = self._select_ids("id, records, length(payload)", "chunks", ids)
+        try:
+            self._retrying_full(lambda: self._delete_acked(rows))
+        except sqlite3.OperationalError as e:
+            if not self._unrecorded_acks and not self._unrecorded_rejects:
+                log.error("recording %d acknowledgements failed (%s); retrying until it works", len(rows), e)
+            self._unrecorded_acks.update(r[0] for r in rows)
+        return len(rows)
+
+    def _delete_acked(self, rows: list[tuple[Any, ...]]) -> None:
         with self._write(synced=False) as c:
-            _delete_ids(c, "chunks", ids)
+            _delete_ids(c, "chunks", [r[0] for r in rows])
             _bump(c, {"acked_chunks": len(rows), "acked_records": sum(r[1] for r in rows)})
         self._payload_bytes -= sum(r[2] for r in rows)
         self._chunk_count -= len(rows)
         self._vacuum()
-        return len(rows)
+
+    def _retrying_full(self, write: Callable[[], None]) -> None:
+        """Run `write`; on a full disk release the reserve (and let SQLite
+        checkpoint into it) and try once more."""
+        try:
+            write()
+        except sqlite3.OperationalError:
+            if not self._release_reserve():
+                raise
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            write()
+
+    def retry_unrecorded(self) -> None:
+        """Write the acknowledgements and refusals that could not be written
+        before (disk full). Raises nothing: what still fails stays remembered."""
+        if not (self._unrecorded_acks or self._unrecorded_rejects):
+            return
+        acks, self._unrecorded_acks = list(self._unrecorded_acks), set()
+        rejects, self._unrecorded_rejects = dict(self._unrecorded_rejects), {}
+        if acks:
+            self.ack(acks)
+        for reason in dict.fromkeys(rejects.values()):
+            self.reject([i for i, r in rejects.items() if r == reason], reason)
+        if not (self._unrecorded_acks or self._unrecorded_rejects):
+            log.warning("recorded the acknowledgements and refusals that had failed")
 
     def reject(self, ids: Iterable[int], reason: str) -> int:
-        """Move chunks the receiver refused for good into dead letters."""
-        ids = list(ids)
+        """Move chunks the receiver refused for good into dead letters. On a
+        full disk the move is remembered and retried (see `ack`)."""
+        ids = [i for i in ids if i not in self._unrecorded_rejects]
         rows = self._select_ids(_CHUNK_COLUMNS, "chunks", ids)
         if not rows:
             return 0
+        try:
+            self._retrying_full(lambda: self._move_to_dead_letters(rows, reason))
+        except sqlite3.OperationalError as e:
+            if not self._unrecorded_acks and not self._unrecorded_rejects:
+                log.error("recording %d refused chunks failed (%s); retrying until it works", len(rows), e)
+            self._unrecorded_rejects.update((r[0], reason) for r in rows)
+            return len(rows)
+        log.error("receiver rejected %d chunks for good: %s", len(rows), reason)
+        return len(rows)
+
+    def _move_to_dead_letters(self, rows: list[tuple[Any, ...]], reason: str) -> None:
         now = time.time_ns()
         with self._write(synced=True) as c:
             c.executemany(
@@ -498,13 +622,11 @@ class Spool:
                 "VALUES (?,?,?,?,?,?)",
                 [(r[1], r[2], now, reason, r[6], r[9]) for r in rows],
             )
-            _delete_ids(c, "chunks", ids)
+            _delete_ids(c, "chunks", [r[0] for r in rows])
             _bump(c, {"dead_letter_chunks": len(rows), "dead_letter_records": sum(r[6] for r in rows)})
             self._trim_dead_letters(c)
         self._payload_bytes -= sum(len(r[9]) for r in rows)
         self._chunk_count -= len(rows)
-        log.error("receiver rejected %d chunks for good: %s", len(rows), reason)
-        return len(rows)
 
     def _trim_dead_letters(self, c: sqlite3.Cursor) -> None:
         total = c.execute("SELECT COALESCE(SUM(length(payload)), 0) FROM dead_letters").fetchone()[0]
@@ -559,6 +681,7 @@ class Spool:
                     ),
                 )
                 new_ids.append(c.lastrowid)
+            _bump(c, {"split_extra_chunks": len(payloads) - 1})  # keeps the chunk count a salvage expects
         # New rows sort after newer chunks; upload order is by id, so the parts
         # go out after what was queued behind the original. Receivers order by time.
         self._payload_bytes += sum(len(p) for p, _ in payloads) - len(chunk.payload)
@@ -603,10 +726,12 @@ class Spool:
         try:
             rows = self._conn.execute(query, (after_id, n)).fetchall()
         except sqlite3.DatabaseError as e:
-            if isinstance(e, sqlite3.OperationalError) or self.journal == "readonly":
+            if not is_corruption(e) or self.journal == "readonly":
                 raise
             self._recover(str(e))
             rows = self._conn.execute(query, (after_id, n)).fetchall()
+        if self._unrecorded_acks or self._unrecorded_rejects:
+            rows = [r for r in rows if r[0] not in self._unrecorded_acks and r[0] not in self._unrecorded_rejects]
         good = [r for r in rows if zlib.crc32(r[9]) == r[10]]
         if len(good) < len(rows) and self.journal != "readonly":
             self._drop_corrupt([r for r in rows if zlib.crc32(r[9]) != r[10]])
@@ -731,52 +856,149 @@ def _delete_ids(c: sqlite3.Cursor, table: str, ids: Sequence[int]) -> None:
         c.execute(f"DELETE FROM {table} WHERE id IN ({','.join('?' * len(part))})", part)
 
 
-def _salvage(corrupt: Path, dest: sqlite3.Connection) -> dict[str, int]:
-    """Copy what can still be read from a corrupt spool into `dest`."""
+def _secure_files(path: Path) -> None:
+    """The spool and everything next to it is readable by the agent's user
+    only: create the database file 0600 (SQLite gives its -wal and -shm the
+    same mode) and tighten files an older version left more open."""
+    if not path.exists():
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, _FILE_MODE))
+    for f in path.parent.glob(f"{path.name}*"):
+        with contextlib.suppress(OSError):
+            if f.is_file() and not f.is_symlink() and f.stat().st_mode & 0o077:
+                os.chmod(f, _FILE_MODE)
+
+
+def _salvage_pending(path: Path, dest: sqlite3.Connection) -> list[tuple[str, dict[str, Any]]]:
+    """Salvage every quarantined copy of `path` that was not salvaged yet into
+    `dest` (one transaction per copy, remembered in it), rename it
+    `.salvaged-...`, and delete salvaged copies beyond the last few. A copy
+    whose salvage did not finish is never deleted. Returns the loss records."""
+    losses = []
+    for copy in sorted(path.parent.glob(f"{path.name}.corrupt-*")):
+        if copy.name.endswith(("-wal", "-shm")):
+            continue
+        losses.append(_salvage_one(copy, dest))
+        done = copy.with_name(copy.name.replace(".corrupt-", ".salvaged-", 1))
+        for suffix in ("", "-wal", "-shm"):
+            if Path(str(copy) + suffix).exists():
+                os.replace(Path(str(copy) + suffix), Path(str(done) + suffix))
+    salvaged = sorted(p for p in path.parent.glob(f"{path.name}.salvaged-*") if not p.name.endswith(("-wal", "-shm")))
+    for stale in salvaged[:-_QUARANTINE_KEEP]:
+        for suffix in ("", "-wal", "-shm"):
+            Path(str(stale) + suffix).unlink(missing_ok=True)
+    return [loss for loss in losses if loss is not None]
+
+
+def _salvage_one(copy: Path, dest: sqlite3.Connection) -> tuple[str, dict[str, Any]] | None:
+    """Copy what can still be read from the corrupt spool `copy` into `dest`
+    in one transaction, count what could not be (from the copy's own
+    counters where they are readable) and return the loss record."""
+    marker = "spool-salvaged:" + copy.name
+    if dest.execute("SELECT 1 FROM positions WHERE key = ?", (marker,)).fetchone():
+        return None  # salvaged before a crash that came before the rename
+    try:
+        src = sqlite3.connect(f"file:{copy}?mode=ro", uri=True, isolation_level=None)
+        # A truncated file is refused as a whole (its header counts more pages
+        # than the file has) unless the schema checks are relaxed: then every
+        # page that is still there can be read.
+        src.execute("PRAGMA writable_schema = ON")
+    except sqlite3.Error:
+        src = None
+    file_bytes = sum(os.stat(str(copy) + s).st_size for s in ("", "-wal") if os.path.exists(str(copy) + s))
+    dest.execute("BEGIN IMMEDIATE")
+    try:
+        old_counters, got = _copy_readable(src, dest) if src is not None else ({}, {"chunks": 0, "records": 0})
+        failed, salvaged_bytes = got.pop("failed", 0), got.pop("bytes", 0)
+        lost_chunks, lost_records = _expected_lost(old_counters, got["chunks"], got["records"], failed)
+        lost_bytes = max(file_bytes - salvaged_bytes, 0) if lost_chunks or lost_records else 0
+        _bump(
+            dest.cursor(),
+            {"spool_quarantined": 1, "salvage_lost_chunks": lost_chunks, "salvage_lost_records": max(lost_records, 0)},
+        )
+        dest.execute("INSERT INTO positions (key, value, updated_ns) VALUES (?, '1', ?)", (marker, time.time_ns()))
+        dest.execute("COMMIT")
+    except BaseException:
+        if dest.in_transaction:
+            dest.execute("ROLLBACK")
+        raise
+    finally:
+        if src is not None:
+            src.close()
+    records_text = "an unknown number of" if lost_records < 0 else str(lost_records)
+    text = (
+        f"edgeagent: the spool was corrupt and was moved aside to {copy.name}; salvaged {got['chunks']} chunks "
+        f"({got['records']} records); lost {lost_chunks} chunks, {records_text} records, {lost_bytes} bytes"
+    )
+    attributes: dict[str, Any] = {
+        "edgeagent.loss.reason": "spool_corrupt",
+        "edgeagent.loss.chunks": lost_chunks,
+        "edgeagent.loss.bytes": lost_bytes,
+        "edgeagent.spool.quarantined": copy.name,
+    }
+    if lost_records >= 0:
+        attributes["edgeagent.loss.records"] = lost_records
+    return text, attributes
+
+
+def _copy_readable(src: sqlite3.Connection, dest: sqlite3.Connection) -> tuple[dict[str, int], dict[str, int]]:
+    """Positions, boots, counters and every chunk whose checksums verify.
+    Returns the copy's counters and what was copied (chunks, records, bytes,
+    failed rows)."""
     import zstandard
 
-    counts = {"positions": 0, "chunks": 0, "lost": 0}
-    try:
-        src = sqlite3.connect(f"file:{corrupt}?mode=ro", uri=True, isolation_level=None)
-    except sqlite3.Error:
-        return counts
-    try:
-        for table, cols in (
-            ("positions", "key, value, updated_ns"),
-            ("boots", "boot_id, clock_offset_ns, synced, first_seen_ns, updated_ns"),
-            ("counters", "name, value"),
-        ):
-            try:
-                rows = src.execute(f"SELECT {cols} FROM {table}").fetchall()
-            except sqlite3.Error:
-                continue
-            dest.executemany(
-                f"INSERT OR REPLACE INTO {table} ({cols}) VALUES ({','.join('?' * len(cols.split(',')))})", rows
-            )
-            if table == "positions":
-                counts["positions"] = len(rows)
+    old_counters: dict[str, int] = {}
+    for table, cols in (
+        ("positions", "key, value, updated_ns"),
+        ("boots", "boot_id, clock_offset_ns, synced, first_seen_ns, updated_ns"),
+        ("counters", "name, value"),
+    ):
         try:
-            ids = [r[0] for r in src.execute("SELECT id FROM chunks ORDER BY id").fetchall()]
+            rows = src.execute(f"SELECT {cols} FROM {table}").fetchall()
         except sqlite3.Error:
-            ids = []
-        dctx = zstandard.ZstdDecompressor()
-        for chunk_id in ids:
-            try:
-                row = src.execute(f"SELECT {_CHUNK_COLUMNS} FROM chunks WHERE id = ?", (chunk_id,)).fetchone()
-                if zlib.crc32(row[9]) != row[10]:
-                    raise ValueError("checksum mismatch")
-                dctx.decompress(row[9])
-            except (sqlite3.Error, zstandard.ZstdError, TypeError, ValueError):
-                counts["lost"] += 1
-                continue
+            continue
+        if table == "counters":
+            old_counters = {name: value for name, value in rows if isinstance(value, int)}
+            _bump(dest.cursor(), old_counters)
+            continue
+        dest.executemany(
+            f"INSERT OR REPLACE INTO {table} ({cols}) VALUES ({','.join('?' * len(cols.split(',')))})", rows
+        )
+    got = {"chunks": 0, "records": 0, "bytes": 0, "failed": 0}
+    ids: list[int] = []
+    try:
+        for (chunk_id,) in src.execute("SELECT id FROM chunks ORDER BY id"):
+            ids.append(chunk_id)
+    except sqlite3.Error:
+        pass  # the rows up to the damage were read
+    dctx = zstandard.ZstdDecompressor()
+    for chunk_id in ids:
+        try:
+            row = src.execute(f"SELECT {_CHUNK_COLUMNS} FROM chunks WHERE id = ?", (chunk_id,)).fetchone()
+            if zlib.crc32(row[9]) != row[10]:
+                raise ValueError("checksum mismatch")
+            dctx.decompress(row[9])
+        except (sqlite3.Error, zstandard.ZstdError, TypeError, ValueError):
+            got["failed"] += 1
+            continue
+        try:
             dest.execute(f"INSERT INTO chunks ({_CHUNK_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)", row)
-            counts["chunks"] += 1
-        if counts["lost"]:
-            dest.execute(
-                "INSERT INTO counters (name, value) VALUES ('salvage_lost_chunks', ?) "
-                "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
-                (counts["lost"],),
-            )
-    finally:
-        src.close()
-    return counts
+        except sqlite3.IntegrityError:  # a second copy salvaged into the same spool: a new id
+            dest.execute(f"INSERT INTO chunks ({_CHUNK_COLUMNS[4:]}) VALUES (?,?,?,?,?,?,?,?,?,?)", row[1:])
+        got["chunks"] += 1
+        got["records"] += row[6]
+        got["bytes"] += len(row[9])
+    return old_counters, got
+
+
+def _expected_lost(counters: dict[str, int], chunks: int, records: int, failed: int) -> tuple[int, int]:
+    """(chunks, records) the copy should have held by its counters, less what
+    was salvaged; records is -1 when its counters were unreadable."""
+    if "spooled_records" not in counters:
+        return failed, -1
+
+    def held(kind: str, extra: int = 0) -> int:
+        gone = ("acked", "evicted", "dead_letter", "corrupt", "salvage_lost")
+        return counters.get(f"spooled_{kind}", 0) + extra - sum(counters.get(f"{g}_{kind}", 0) for g in gone)
+
+    lost_chunks = max(held("chunks", counters.get("split_extra_chunks", 0)) - chunks, failed, 0)
+    return lost_chunks, max(held("records") - records, 0)

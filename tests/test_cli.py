@@ -146,7 +146,7 @@ def test_agent_starts_on_a_corrupt_spool(make_agent) -> None:  # type: ignore[no
     agent.state_dir.mkdir(parents=True)
     (agent.state_dir / "spool.db").write_bytes(b"\x00garbage" * 4096)
     agent.start()
-    assert list(agent.state_dir.glob("spool.db.corrupt-*"))
+    assert list(agent.state_dir.glob("spool.db.salvaged-*"))
     assert agent.status()["counters"]["spool_quarantined"] == 1
     assert agent.stop() == 0
     assert "corrupt" in agent.stderr()

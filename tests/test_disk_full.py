@@ -4,31 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import zstandard
 from conftest import spool_records
+from disk import fill, remount, tmpfs
 
 from edgeagent.config import Config, SpoolConfig
 from edgeagent.otlp import ChunkEncoder
 from edgeagent.pipeline import Batcher, SourceContext
 from edgeagent.records import Batch
-from edgeagent.spool import Spool
+from edgeagent.spool import NewChunk, Spool, SpoolUnavailable
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount tmpfs here: {result.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    with tmpfs(tmp_path / "disk", "3m") as mount:
+        yield mount
 
 
 def lines(start: int, count: int) -> list[bytes]:
@@ -99,3 +95,107 @@ def test_commit_failure_pauses_sources_and_loses_nothing(small_disk: Path) -> No
     assert spool.positions()["f"] == "5000"
     numbers = [int(r["body"].split()[0]) for r in spool_records(small_disk)]
     assert numbers == list(range(5000))
+
+
+def _store_lines(path: Path, count: int) -> None:
+    spool = Spool.open(path)
+    batcher = Batcher(spool, ChunkEncoder({}, "t"), "boot", SpoolConfig(chunk_max_records=100))
+    batcher.add(Batch("files", lines(0, count), 0, "boot", position=("f", str(count))))
+    assert batcher.flush()
+    spool.close()
+
+
+def _contents(directory: Path) -> dict[str, bytes]:
+    """The files that hold data (SQLite may leave an empty -wal and a -shm index behind)."""
+    return {
+        p.name: p.read_bytes()
+        for p in sorted(directory.iterdir())
+        if p.name != "filler" and not (p.name.endswith(("-wal", "-shm")) and p.stat().st_size <= 32768)
+    }
+
+
+@pytest.mark.parametrize("trouble", ["disk full", "read-only"])
+def test_an_unavailable_spool_is_waited_out_never_quarantined(small_disk: Path, trouble: str) -> None:
+    """Issue 9, degraded storage 1: disk full or read-only at start-up is not
+    corruption: open says "unavailable", leaves every file as it was, and
+    works once the disk does."""
+    path = small_disk / "spool.db"
+    _store_lines(path, 500)
+    Path(str(path) + ".reserve").unlink(missing_ok=True)  # as a spool of an older version: no reserve to use
+    before = _contents(small_disk)
+    if trouble == "disk full":
+        fill(small_disk)
+    else:
+        remount(small_disk, "ro")
+    for _ in range(2):
+        with pytest.raises(SpoolUnavailable, match="unavailable"):
+            Spool.open(path)
+    assert _contents(small_disk) == before, "an unavailable spool must be left exactly as it was"
+    if trouble == "disk full":
+        (small_disk / "filler").unlink()
+    else:
+        remount(small_disk, "rw")
+    spool = Spool.open(path)
+    assert not spool.events and not spool.counters().get("spool_quarantined")
+    assert spool.backlog()["records"] == 500 and spool.positions() == {"f": "500"}
+
+
+def test_ack_and_reject_on_a_full_disk_are_recorded_or_retried(small_disk: Path) -> None:
+    """Issue 9, degraded storage 5: deleting works on a full disk (the reserve
+    is released for it); when even that is not enough the outcome is kept,
+    the chunks are not handed out again, and it is written once space is back."""
+    spool = Spool.open(small_disk / "spool.db")
+    for n in range(8):
+        spool.append([_chunk(n)])
+    spool.checkpoint()  # an empty WAL: every write now needs new blocks
+    fill(small_disk)
+    first = spool.oldest(8)
+    assert spool.ack([first[0].id, first[1].id]) == 2  # raised "database or disk is full" before
+    assert spool.reject([first[2].id], "refused") == 1
+    fill(small_disk, "filler2")  # the released reserve is taken too
+    assert spool.ack([first[3].id]) == 1
+    assert spool.reject([first[4].id], "refused") == 1
+    handed = [c.id for c in spool.oldest(8)]
+    assert handed == [c.id for c in first[5:]], "recorded or pending outcomes are never sent again"
+    (small_disk / "filler").unlink()
+    (small_disk / "filler2").unlink()
+    spool.retry_unrecorded()
+    spool.close()
+    again = Spool.open(small_disk / "spool.db")
+    assert [c.id for c in again.oldest(8)] == [c.id for c in first[5:]]
+    assert again.dead_letter_count() == 2
+    assert again.counters()["acked_chunks"] == 3
+
+
+def _chunk(n: int) -> NewChunk:
+    payload = zstandard.ZstdCompressor(write_checksum=True).compress(os.urandom(100_000))
+    return NewChunk(payload, 10, 100_000, 9, "boot", 0, True)
+
+
+def test_a_stall_neither_crashes_sources_nor_makes_them_read_twice(small_disk: Path) -> None:
+    """Issue 9, degraded storage 3 and 4: while commits fail, the context says
+    "not accepting", forgetting a position does not raise, and a restarted
+    source resumes after what it handed over (the pending position), not at
+    the stale committed one."""
+    spool = Spool.open(small_disk / "spool.db")
+    spool.append([], {"f": "0", "gone": "7"})
+    spool.checkpoint()
+    fill(small_disk)
+
+    async def scenario() -> None:
+        batcher = Batcher(spool, ChunkEncoder({}, "t"), "boot", SpoolConfig(chunk_max_records=1000))
+        ctx = SourceContext(batcher, spool, "boot", Config())
+        ctx.emit_nowait(Batch("files", lines(0, 300), 0, "boot", position=("f", "300")))
+        assert not batcher.flush()
+        assert not ctx.accepting
+        ctx.forget_positions(["gone"])  # raised from _flush_forgets before: the source crashed
+        assert ctx.positions("") == {"f": "300"}, "a restarted source must resume after what it handed over"
+        assert spool.positions() == {"f": "0", "gone": "7"}, "nothing is committed without its records"
+        (small_disk / "filler").unlink()
+        await asyncio.wait_for(ctx.wait_writable(), 30)
+        assert ctx.accepting
+
+    asyncio.run(scenario())
+    assert spool.positions() == {"f": "300"}
+    numbers = [int(r["body"].split()[0]) for r in spool_records(small_disk)]
+    assert numbers == list(range(300))

@@ -112,7 +112,7 @@ def test_delivers_chunks_in_the_documented_wire_format(
     logs = Subscriber(mosquitto.port, TOPIC)
     status = Subscriber(mosquitto.port, STATUS_TOPIC, client_id="status-watcher")
     subscribers += [logs, status]
-    h = UploaderHarness(tmp_path / "state", config_text(mosquitto.url))
+    h = UploaderHarness(tmp_path / "state", config_text(mosquitto.url, chunk_records=2500))
     harnesses.append(h)
     h.add(record_example())
     h.add_lines(0, 5000, 2500)

@@ -5,6 +5,7 @@ the real Batcher."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import email.utils
 import re
 import ssl
@@ -194,6 +195,7 @@ def test_small_chunks_are_coalesced_and_large_ones_go_alone_as_stored(tmp_path: 
         assert server.received[0].headers[CHUNK_ID_HEADER.lower()] == ",".join(small)
         assert server.lines() == [f"c{c} l{i}" for c in range(5) for i in range(10)]
         # A chunk above the coalescing target goes alone, byte for byte as stored.
+        h.batcher.config = dataclasses.replace(h.batcher.config, chunk_max_bytes=2 * 1024 * 1024)
         big = h.add_lines([f"{i:08d} " + "x" * 100 for i in range(12000)])
         payload = h.spool.oldest(1)[0].payload
         await until(lambda: h.spool.chunk_count == 0, "the big chunk acked")

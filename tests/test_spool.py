@@ -150,7 +150,7 @@ def test_truncated_spool_is_quarantined_and_salvaged(tmp_path: Path) -> None:
         f.truncate(size // 2)
     spool = Spool.open(path)
     assert any("corrupt" in e for e in spool.events)
-    aside = list(tmp_path.glob("spool.db.corrupt-*"))
+    aside = list(tmp_path.glob("spool.db.salvaged-*"))
     assert aside, "the corrupt file is kept for inspection"
     assert spool.counters().get("spool_quarantined") == 1
     spool.append([chunk()], {"file:a": "99"})  # and the new spool works
@@ -193,14 +193,27 @@ def test_garbage_file_is_quarantined(tmp_path: Path) -> None:
 
 def test_quarantined_files_are_bounded(tmp_path: Path) -> None:
     path = tmp_path / "spool.db"
-    for n in range(4):
+    for _ in range(4):
         path.write_bytes(b"garbage" * 100)
         Spool.open(path).close()
-        # distinct timestamps in the quarantine name
-        for f in tmp_path.glob("spool.db.corrupt-*[0-9]"):
-            if not f.name.endswith(f"-{n}"):
-                f.rename(f.with_name(f.name + f"{n}"))
-    assert len(list(tmp_path.glob("spool.db.corrupt-*[0-9]"))) <= 3
+    copies = [p for p in tmp_path.glob("spool.db.salvaged-*") if not p.name.endswith(("-wal", "-shm"))]
+    assert len(copies) == 2  # salvaged copies are kept for inspection, the last two
+    assert not list(tmp_path.glob("spool.db.corrupt-*"))
+
+
+def test_a_copy_not_salvaged_yet_is_never_deleted(tmp_path: Path) -> None:
+    """A quarantined copy whose salvage did not finish (the agent died, the disk
+    was full) is salvaged at the next open, and only then may it be pruned."""
+    path = tmp_path / "spool.db"
+    _filled_spool(path, chunks=5)
+    pending = tmp_path / "spool.db.corrupt-20260101T000000.000000000"
+    path.rename(pending)
+    spool = Spool.open(path)
+    assert spool.backlog()["records"] == 50
+    assert not pending.exists() and list(tmp_path.glob("spool.db.salvaged-*"))
+    spool.close()
+    again = Spool.open(path)  # salvaged once, not twice
+    assert again.backlog()["records"] == 50
 
 
 def test_sigkill_at_random_points_loses_and_duplicates_nothing(tmp_path: Path) -> None:
@@ -316,7 +329,7 @@ def test_every_journal_mode_keeps_the_same_guarantees(tmp_path: Path, journal: s
 
 
 def test_filesystem_type_is_detected(tmp_path: Path) -> None:
-    from edgeagent.spool import _fs_type
+    from edgeagent.statedir import filesystem_type as _fs_type
 
     mounts = Path("/proc/self/mounts").read_text().split("\n")
     root_type = next(line.split()[2] for line in mounts if line.split()[1:2] == ["/"])
@@ -342,3 +355,59 @@ def test_corruption_found_while_running_is_quarantined_and_writing_goes_on(tmp_p
         zstandard.ZstdDecompressor().decompress(c.payload)
     counters = spool.counters()
     assert counters.get("spool_quarantined", 0) + counters.get("corrupt_chunks", 0) >= 1
+
+
+def _numbered_lines(start: int, count: int) -> list[bytes]:
+    return [b"%d %s" % (n, os.urandom(24).hex().encode()) for n in range(start, start + count)]
+
+
+def test_salvage_losses_are_counted_and_shipped(tmp_path: Path) -> None:
+    """Issue 9, degraded storage 6: a spool truncated to half salvaged "0
+    chunks (0 unreadable chunks lost)" and shipped nothing. What could not be
+    salvaged is counted (chunks, records, bytes) and shipped as a loss record,
+    together with the quarantine."""
+    path = tmp_path / "spool.db"
+    spool = Spool.open(path)
+    batcher = Batcher(spool, ChunkEncoder({}, "t"), "boot", SpoolConfig(chunk_max_records=1000))
+    for n in range(29):
+        batcher.add(Batch("files", _numbered_lines(n * 1000, 1000), 0, "boot", position=("f", str(n))))
+    assert batcher.flush()
+    spool.close()
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+    spool = Spool.open(path)
+    counters = spool.counters()
+    salvaged = spool.backlog()["records"]
+    assert counters["spool_quarantined"] == 1
+    assert counters["salvage_lost_records"] > 0
+    assert salvaged + counters["salvage_lost_records"] == 29_000, "every record is either salvaged or counted"
+    assert counters["salvage_lost_chunks"] >= 1
+    Batcher(spool, ChunkEncoder({}, "t"), "boot", SpoolConfig()).ship_spool_losses()
+    spool.close()
+    shipped = [r for r in spool_records(tmp_path) if r["attributes"].get("edgeagent.loss.reason") == "spool_corrupt"]
+    assert len(shipped) == 1
+    attrs = shipped[0]["attributes"]
+    assert attrs["edgeagent.loss.records"] == counters["salvage_lost_records"]
+    assert attrs["edgeagent.loss.chunks"] == counters["salvage_lost_chunks"]
+    assert attrs["edgeagent.loss.bytes"] > 0
+    assert shipped[0]["severity_text"] == "WARN"
+
+
+@pytest.mark.parametrize("limit", ["records", "bytes"])
+def test_chunk_limits_are_upper_bounds(tmp_path: Path, limit: str) -> None:
+    """Issue 9: chunk_max_records and chunk_max_bytes hold whatever the batch
+    sizes: a big batch is cut across chunks (a record is never cut)."""
+    config = SpoolConfig(chunk_max_records=100) if limit == "records" else SpoolConfig(chunk_max_bytes=4096)
+    spool = Spool.open(tmp_path / "spool.db")
+    batcher = Batcher(spool, ChunkEncoder({}, "t"), "boot", config)
+    batcher.add(Batch("files", _numbered_lines(0, 1050), 0, "boot", position=("f", "1050")))
+    batcher.add(Batch("files", _numbered_lines(1050, 30), 0, "boot", position=("f", "1080")))
+    batcher.flush()
+    chunks = spool.oldest(10**6)
+    assert len(chunks) > 1
+    for c in chunks:
+        assert c.records <= config.chunk_max_records
+        assert c.raw_bytes <= config.chunk_max_bytes
+    numbers = [int(r["body"].split()[0]) for r in spool_records(tmp_path)]
+    assert numbers == list(range(1080))
+    assert spool.positions() == {"f": "1080"}

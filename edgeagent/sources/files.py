@@ -338,6 +338,7 @@ class FileSource:
             tailers = list(self._dirty)
             self._dirty.clear()
             for t in tailers:
+                await self._require_ctx().wait_writable()  # the spool cannot commit: read nothing more until it can
                 if self._tailers.get(t.ident) is not t:
                     continue  # let go of meanwhile
                 try:

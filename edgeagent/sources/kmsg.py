@@ -385,6 +385,9 @@ class KmsgSource:
         ctx = self._ctx
         if device is None or ctx is None:
             return
+        if not ctx.accepting:  # the spool cannot commit: read nothing more until it can
+            ctx.pause_reader(device.fileno(), self._on_readable, lambda: self._device is device)
+            return
         records: list[Record] = []
         start_seq = self._next_seq
         malformed = 0

@@ -204,7 +204,7 @@ class PstoreSource:
         """Remove files whose position is committed: only then are their
         records safe in the spool."""
         for _ in range(CLEAR_WAIT_INTERVALS):
-            stored = ctx.positions(POSITION_PREFIX)
+            stored = ctx.committed_positions(POSITION_PREFIX)
             for path, key in list(files.items()):
                 if key not in stored:
                     continue

@@ -1,0 +1,168 @@
+"""The state dir with real `edgeagent run` processes: the run lock, file modes,
+unsafe and volatile state dirs, and a stop or reload while a full disk stalls
+the agent."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import REPO, spool_records, wait_for
+from disk import fill, tmpfs
+
+QUIET = '[kmsg]\nenabled = false\n[upload]\nto = "none"\n'
+
+
+def edgeagent(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "edgeagent", *args], capture_output=True, text=True, cwd=REPO, timeout=60
+    )
+
+
+def error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if "error" in line.lower()]
+
+
+def test_a_second_agent_on_the_same_state_dir_exits_at_once(make_agent: Any) -> None:
+    """Issue 9, degraded storage 2: both used to run and store every line twice."""
+    agent = make_agent('state_dir = "{state_dir}"\n' + QUIET)
+    agent.start()
+    second = edgeagent("run", "-c", str(agent.config_path))
+    assert second.returncode != 0
+    (line,) = error_lines(second.stderr)
+    assert str(agent.state_dir) in line and f"pid {agent.proc.pid}" in line
+    # status and wake never take the run lock: they work while the agent runs.
+    status = json.loads(edgeagent("status", "--json", "-c", str(agent.config_path)).stdout)
+    assert status["agent"]["pid"] == agent.proc.pid and status["agent"]["state"] == "running"
+    assert edgeagent("wake", "-c", str(agent.config_path)).returncode == 0
+    assert agent.stop() == 0
+    # The lock goes with the process (also after kill -9): the next agent starts.
+    agent.start()
+    agent.kill()
+    agent.start()
+    assert agent.stop() == 0
+
+
+def test_state_dir_and_every_file_in_it_are_private(make_agent: Any) -> None:
+    """Issue 9, file modes: state_dir was 0755 and the spool 0644."""
+    agent = make_agent('state_dir = "{state_dir}"\n' + QUIET)
+    agent.start()
+    assert stat.S_IMODE(agent.state_dir.stat().st_mode) == 0o700
+    names = {p.name for p in agent.state_dir.iterdir()}
+    assert {"spool.db", "spool.db-wal", "spool.db-shm", "edgeagent.lock"} <= names
+    for p in agent.state_dir.iterdir():
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
+    assert agent.stop() == 0
+
+
+def test_an_older_spool_is_made_private(make_agent: Any) -> None:
+    agent = make_agent('state_dir = "{state_dir}"\n' + QUIET)
+    agent.start()
+    assert agent.stop() == 0
+    os.chmod(agent.state_dir / "spool.db", 0o644)
+    agent.start()
+    assert stat.S_IMODE((agent.state_dir / "spool.db").stat().st_mode) == 0o600
+    assert agent.stop() == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the group/other-writable check applies to root")
+@pytest.mark.parametrize("unsafe", ["symlink", "group-writable", "world-writable"])
+def test_an_unsafe_state_dir_is_refused(tmp_path: Path, unsafe: str) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    state_dir = real
+    if unsafe == "symlink":
+        state_dir = tmp_path / "link"
+        state_dir.symlink_to(real)
+    else:
+        os.chmod(real, 0o770 if unsafe == "group-writable" else 0o707)
+    config = tmp_path / "agent.toml"
+    config.write_text(f'state_dir = "{state_dir}"\n' + QUIET)
+    done = edgeagent("run", "-c", str(config))
+    assert done.returncode == 2
+    (line,) = error_lines(done.stderr)
+    assert str(state_dir) in line
+    assert ("symlink" in line) if unsafe == "symlink" else ("0700" in line and "writable" in line)
+    assert not (real / "spool.db").exists()
+
+
+def test_a_state_dir_on_tmpfs_gets_a_warning(tmp_path: Path, make_agent: Any) -> None:
+    with tmpfs(tmp_path / "ram", "8m") as ram:
+        agent = make_agent(f'state_dir = "{ram / "state"}"\n' + QUIET)
+        agent.start()
+        assert agent.stop() == 0
+        assert "will not survive a reboot" in agent.stderr()
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def append_lines(path: Path, start: int, count: int, width: int = 100) -> None:
+    pad = "x" * width
+    with open(path, "a") as f:
+        for base in range(start, start + count, 10_000):
+            f.write("".join(f"{n} {pad}\n" for n in range(base, min(base + 10_000, start + count))))
+
+
+def line_numbers(state_dir: Path) -> list[int]:
+    return [int(r["body"].split()[0]) for r in spool_records(state_dir) if r["scope"] == "edgeagent/files"]
+
+
+def test_a_full_disk_pauses_sources_and_a_stop_during_the_stall_is_not_clean(tmp_path: Path, make_agent: Any) -> None:
+    """Issue 9, degraded storage 3, 4 and 7, in a real agent on a real full
+    tmpfs: the file source stops reading (memory stays bounded: it grew by
+    hundreds of MB before), nothing is read twice after a reload, a stop
+    during the stall exits non-zero, and once space is back every line is in
+    the spool exactly once."""
+    log_path = tmp_path / "app.log"
+    log_path.write_text("")
+    with tmpfs(tmp_path / "disk", "4m") as disk:
+        agent = make_agent(
+            f'state_dir = "{disk / "state"}"\n'
+            + QUIET
+            + f'[spool]\nflush_interval = "100ms"\n[[files]]\ninclude = ["{log_path}"]\nstart_at = "beginning"\n'
+        )
+        agent.state_dir = disk / "state"
+        agent.start()
+        append_lines(log_path, 0, 1000)
+        wait_for(lambda: len(line_numbers(agent.state_dir)) == 1000, 30, what="the first lines spooled")
+        fill(disk)
+        before = rss_kib(agent.proc.pid)
+        total = 1000 + 300_000  # about 31 MB appended while the disk is full
+        append_lines(log_path, 1000, 300_000)
+        wait_for(
+            lambda: "unavailable" in str(agent.status().get("agent", {}).get("state", "")),
+            30,
+            what="status saying the spool is unavailable",
+        )
+        peak = before
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            peak = max(peak, rss_kib(agent.proc.pid))
+            time.sleep(0.1)
+        agent.signal(signal.SIGHUP)  # a reload during the stall keeps what is pending
+        wait_for(lambda: "reloading config" in agent.stderr(), 20, what="the reload")
+        for _ in range(20):
+            peak = max(peak, rss_kib(agent.proc.pid))
+            time.sleep(0.1)
+        assert peak - before < 40 * 1024, f"RSS grew from {before} to {peak} KiB while the disk was full"
+        assert agent.stop(timeout=60) != 0, "a stop that could not commit what was read must not exit 0"
+        assert "not committed" in agent.stderr()
+        (disk / "filler").unlink()
+        agent.start()
+        wait_for(lambda: len(line_numbers(agent.state_dir)) >= total, 120, interval=1, what="every line spooled")
+        assert agent.stop() == 0
+        numbers = line_numbers(agent.state_dir)
+        assert len(numbers) == total and sorted(numbers) == list(range(total)), "every line exactly once"
