@@ -190,6 +190,7 @@ class Spool:
         # retried before every write, and those chunks are not handed out again.
         self._unrecorded_acks: set[int] = set()
         self._unrecorded_rejects: dict[int, str] = {}
+        self._unrecorded_counters: dict[str, int] = {}
         self._reserve = Path(str(path) + ".reserve")
         row = conn.execute("SELECT COALESCE(SUM(length(payload)), 0), COUNT(*) FROM chunks").fetchone()
         self._payload_bytes: int = row[0]
@@ -586,6 +587,8 @@ class Spool:
     def retry_unrecorded(self) -> None:
         """Write the acknowledgements and refusals that could not be written
         before (disk full). Raises nothing: what still fails stays remembered."""
+        if self._unrecorded_counters:
+            self.add_counters({})
         if not (self._unrecorded_acks or self._unrecorded_rejects):
             return
         acks, self._unrecorded_acks = list(self._unrecorded_acks), set()
@@ -649,11 +652,15 @@ class Spool:
         old = self._conn.execute("SELECT length(payload) FROM chunks WHERE id = ?", (chunk_id,)).fetchone()
         if old is None:
             return
-        with self._write(synced=False) as c:
-            c.execute(
-                "UPDATE chunks SET payload = ?, crc32 = ?, clock_synced = 1 WHERE id = ?",
-                (payload, zlib.crc32(payload), chunk_id),
-            )
+        try:
+            with self._write(synced=False) as c:
+                c.execute(
+                    "UPDATE chunks SET payload = ?, crc32 = ?, clock_synced = 1 WHERE id = ?",
+                    (payload, zlib.crc32(payload), chunk_id),
+                )
+        except sqlite3.OperationalError as e:  # a full disk: the correction is made again next time
+            log.warning("could not store the time-corrected payload of chunk %d: %s", chunk_id, e)
+            return
         self._payload_bytes += len(payload) - old[0]
 
     def split(self, chunk: StoredChunk, payloads: Sequence[tuple[bytes, int]]) -> list[int]:
@@ -689,8 +696,17 @@ class Spool:
         return new_ids
 
     def add_counters(self, counters: dict[str, int]) -> None:
-        with self._write(synced=False) as c:
-            _bump(c, counters)
+        """Add to counters. On a full disk they are kept and written with the
+        next write that succeeds (never raises for it)."""
+        for name, value in counters.items():
+            self._unrecorded_counters[name] = self._unrecorded_counters.get(name, 0) + value
+        try:
+            with self._write(synced=False) as c:
+                _bump(c, self._unrecorded_counters)
+        except sqlite3.OperationalError as e:
+            log.warning("counters kept in memory until the spool accepts writes: %s", e)
+            return
+        self._unrecorded_counters = {}
 
     def set_status(self, entries: dict[str, Any]) -> None:
         """Publish status for `edgeagent status` (JSON values, not synced)."""
@@ -740,10 +756,15 @@ class Spool:
     def _drop_corrupt(self, rows: list[tuple[Any, ...]]) -> None:
         """Chunks whose bytes changed on disk (flash bit rot, a torn write the
         integrity check cannot see inside a blob) are removed and counted:
-        sending them would only make the receiver reject garbage."""
-        with self._write(synced=False) as c:
-            _delete_ids(c, "chunks", [r[0] for r in rows])
-            _bump(c, {"corrupt_chunks": len(rows), "corrupt_records": sum(r[6] for r in rows)})
+        sending them would only make the receiver reject garbage. On a full
+        disk they are only left out of what is handed out, and dropped later."""
+        try:
+            with self._write(synced=False) as c:
+                _delete_ids(c, "chunks", [r[0] for r in rows])
+                _bump(c, {"corrupt_chunks": len(rows), "corrupt_records": sum(r[6] for r in rows)})
+        except sqlite3.OperationalError as e:
+            log.warning("could not drop %d corrupt chunks yet: %s", len(rows), e)
+            return
         self._payload_bytes -= sum(len(r[9]) for r in rows)
         self._chunk_count -= len(rows)
         log.error("dropped %d corrupt chunks (%d records): checksum mismatch", len(rows), sum(r[6] for r in rows))

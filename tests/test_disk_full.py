@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
-from conftest import spool_records
+from conftest import spool_records, until
 from disk import fill, remount, tmpfs
 
 from edgeagent.config import Config, SpoolConfig
@@ -155,6 +155,7 @@ def test_ack_and_reject_on_a_full_disk_are_recorded_or_retried(small_disk: Path)
     fill(small_disk, "filler2")  # the released reserve is taken too
     assert spool.ack([first[3].id]) == 1
     assert spool.reject([first[4].id], "refused") == 1
+    spool.add_counters({"rejected_records": 5})  # a partial success reported meanwhile: kept, not raised
     handed = [c.id for c in spool.oldest(8)]
     assert handed == [c.id for c in first[5:]], "recorded or pending outcomes are never sent again"
     (small_disk / "filler").unlink()
@@ -165,6 +166,7 @@ def test_ack_and_reject_on_a_full_disk_are_recorded_or_retried(small_disk: Path)
     assert [c.id for c in again.oldest(8)] == [c.id for c in first[5:]]
     assert again.dead_letter_count() == 2
     assert again.counters()["acked_chunks"] == 3
+    assert again.counters()["rejected_records"] == 5
 
 
 def _chunk(n: int) -> NewChunk:
@@ -199,3 +201,42 @@ def test_a_stall_neither_crashes_sources_nor_makes_them_read_twice(small_disk: P
     assert spool.positions() == {"f": "300"}
     numbers = [int(r["body"].split()[0]) for r in spool_records(small_disk)]
     assert numbers == list(range(300))
+
+
+def test_the_kernel_log_source_stops_reading_while_the_spool_cannot_commit(small_disk: Path, devkmsg: None) -> None:
+    """Issue 9, degraded storage 3, for the reader-callback source: while the
+    spool cannot commit, /dev/kmsg is not read (its position stays), and every
+    record written meanwhile is read once space is back."""
+    from conftest import write_kmsg
+
+    from edgeagent.config import KmsgConfig
+    from edgeagent.sources.kmsg import KmsgSource
+
+    config = Config(state_dir=small_disk, kmsg=KmsgConfig(min_priority=7), spool=SpoolConfig(flush_interval=0.05))
+    spool = Spool.open(config.spool_path)
+    tag = f"edgeagent-stall-{os.getpid()}-{os.urandom(4).hex()}"
+
+    async def scenario() -> tuple[int, int]:
+        batcher = Batcher(spool, ChunkEncoder({}, "t"), "boot", config.spool)
+        ctx = SourceContext(batcher, spool, "boot", config)
+        source = KmsgSource(config)
+        task = asyncio.create_task(source.run(ctx))
+        await until(lambda: spool.positions().get("kmsg"), "the ring buffer read")
+        fill(small_disk)
+        write_kmsg(6, f"{tag} 0")
+        await until(lambda: batcher.stalled, "the stall")
+        paused_at = source.status()["next_sequence"]
+        for n in range(1, 200):
+            write_kmsg(6, f"{tag} {n}")
+        await asyncio.sleep(0.5)
+        read_while_stalled = source.status()["next_sequence"] - paused_at
+        (small_disk / "filler").unlink()
+        await until(lambda: sum(tag in r["body"] for r in spool_records(small_disk)) >= 200, "the records after")
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return read_while_stalled, batcher.pending_records
+
+    read_while_stalled, _ = asyncio.run(scenario())
+    assert read_while_stalled == 0, "nothing may be read while the spool cannot commit"
+    bodies = [r["body"] for r in spool_records(small_disk) if tag in r["body"]]
+    assert sorted(int(b.split()[-1]) for b in bodies) == list(range(200)), "each record exactly once"
