@@ -536,3 +536,27 @@ def test_records_read_before_ntp_upload_with_corrected_wall_times(tmp_path: Path
     assert after[1]["attributes"]["edgeagent.clock"] == "adjusted"
     assert after[1]["severity_number"] == 17
     h.close()
+
+
+def test_a_malformed_record_is_not_a_gap(tmp_path: Path) -> None:
+    h = Harness(tmp_path, "boot-x")
+    bad_time = b"6,1,zz,-;bad timestamp\n"  # its sequence number is readable: the next record follows it
+    source = run_fake(h, fake_opener([rec(0), bad_time, rec(2), b"garbage\n", rec(4), b"garbage\n", rec(7)])[0], 7)
+    records = h.records()
+    assert [r["body"] for r in records][:6] == [
+        "message 0",
+        "6,1,zz,-;bad timestamp",
+        "message 2",
+        "garbage",
+        "message 4",
+        "garbage",
+    ]
+    # Sequence 3 was the first garbage record; of 5 and 6 one was the second, the other is lost.
+    gap = records[6]["attributes"]
+    assert (gap["edgeagent.loss.first_sequence"], gap["edgeagent.loss.last_sequence"]) == (5, 6)
+    assert gap["edgeagent.loss.records"] == 1
+    assert records[7]["body"] == "message 7"
+    assert h.spool.counters()["kmsg_lost"] == 1 and h.spool.counters()["kmsg_malformed"] == 3
+    assert source.status()["gaps"] == 1 and source.status()["lost"] == 1
+    assert h.position() == "boot-x:8"
+    h.close()

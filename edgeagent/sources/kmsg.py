@@ -269,6 +269,7 @@ class KmsgSource:
         self._boot_id = ""
         self._batch_attributes: Attributes = {}
         self._next_seq = 0  # the sequence expected next; everything below is stored or counted lost
+        self._unsequenced = 0  # malformed records without a readable sequence since the last sequence read
         # Why a record above the expected sequence is found, for the gap record:
         # "start" (this boot's first records were gone before edgeagent first
         # read them), "restart" (gone while edgeagent was stopped), "reopen"
@@ -308,6 +309,7 @@ class KmsgSource:
             # When this instance is run again (a supervisor restart), what it
             # read may still wait in the batcher, ahead of the committed position.
             self._next_seq = resume
+            self._unsequenced = 0
         delay = RETRY_INITIAL
         try:
             while True:
@@ -431,10 +433,13 @@ class KmsgSource:
         """Handle one raw record; False if it was malformed."""
         try:
             seq = sequence_of(data)
-            if seq < self._next_seq:
-                # Already stored before a restart (or re-read after reopening).
-                self._skipped += 1
-                return True
+        except Exception:
+            seq = -1
+        if 0 <= seq < self._next_seq:
+            # Already stored before a restart (or re-read after reopening).
+            self._skipped += 1
+            return True
+        try:
             seq, level, record = parse_record(data)
         except Exception as e:
             # Kept, not dropped: the raw text is shipped and marked so nothing
@@ -442,11 +447,12 @@ class KmsgSource:
             # record can never make this callback fail on every wakeup.
             log.warning("kmsg: malformed record (%s): %r", e, data[:200])
             records.append(Record(data.decode("utf-8", "replace").rstrip("\n"), attributes={ATTR_MALFORMED: str(e)}))
+            if seq >= 0:
+                self._advance(seq, records, monotonic_ns())  # it had its sequence number: no gap
+            else:
+                self._unsequenced += 1  # it took a sequence number too, but which one is unknown
             return False
-        if seq > self._next_seq:
-            records.append(self._gap_record(self._next_seq, seq - 1, record.time_mono_ns))
-        self._gap_cause = "read"
-        self._next_seq = seq + 1
+        self._advance(seq, records, record.time_mono_ns)
         if level > self.min_priority:
             self._filtered += 1
             return True
@@ -454,8 +460,17 @@ class KmsgSource:
         records.append(record)
         return True
 
-    def _gap_record(self, first: int, last: int, time_mono_ns: int) -> Record:
-        count = last - first + 1
+    def _advance(self, seq: int, records: list[Record], time_mono_ns: int) -> None:
+        """Record `seq` was read (and shipped): a gap before it is reported, less the malformed records
+        without a readable sequence number read since the last one (they were not lost)."""
+        missing = seq - self._next_seq - self._unsequenced
+        if missing > 0:
+            records.append(self._gap_record(self._next_seq, seq - 1, time_mono_ns, missing))
+        self._unsequenced = 0
+        self._gap_cause = "read"
+        self._next_seq = seq + 1
+
+    def _gap_record(self, first: int, last: int, time_mono_ns: int, count: int) -> Record:
         cause = self._gap_cause
         when = _GAP_WHEN[cause]
         self._gaps += 1
