@@ -431,10 +431,8 @@ def _resolve_paths(config: Config, base: Path) -> Config:
     def absolute(pattern: str) -> str:
         return pattern if pattern.startswith("/") else os.path.normpath(base / pattern)
 
-    files = tuple(
-        dataclasses.replace(f, include=tuple(map(absolute, f.include)), exclude=tuple(map(absolute, f.exclude)))
-        for f in config.files
-    )
+    # `exclude` patterns are not paths: one without a "/" matches file names (docs/files.md).
+    files = tuple(dataclasses.replace(f, include=tuple(map(absolute, f.include))) for f in config.files)
     fleet = dataclasses.replace(config.fleet, trusted_keys=tuple(map(absolute, config.fleet.trusted_keys)))
     return dataclasses.replace(config, state_dir=Path(absolute(str(config.state_dir))), files=files, fleet=fleet)
 

@@ -7,6 +7,8 @@ the test's event loop), which makes "the writer got ahead of the reader" cases e
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gzip
 import os
 import shutil
 from pathlib import Path
@@ -280,6 +282,201 @@ def test_a_file_that_cannot_be_opened_keeps_its_position(tmp_path: Path, monkeyp
         # Refused at start and at the first scan; opened by a later rescan, from the stored position.
         assert await h.wait_lines(10) == expected("a", 0, 10)
         assert len(failures) == 2
+        await h.stop()
+
+    run(scenario())
+
+
+def test_copytruncate_with_a_slow_copy_that_include_matches_sends_each_line_once(tmp_path: Path) -> None:
+    """The copy is noticed while `cp` is still writing it (shorter than what was read from the original):
+    it must still be known as a copy, so the truncation neither re-reads it from its start nor resends."""
+    log = tmp_path / "app.log"
+    content = lines("a", 0, 1000)
+    log.write_bytes(content)
+
+    async def scenario() -> None:
+        h = Harness(files_config(tmp_path / "state", include=[str(tmp_path / "*")], exclude=["*.gz"]))
+        await h.start()
+        await h.wait_lines(1000)
+        with open(tmp_path / "app.log.1", "wb") as copy:
+            for start in range(0, len(content), 4096):  # cp, slowly: the source sees every stage of the copy
+                copy.write(content[start : start + 4096])
+                copy.flush()
+                await asyncio.sleep(0.03)
+        os.truncate(log, 0)
+        with open(log, "ab") as writer:
+            writer.write(lines("b", 0, 10))
+        with open(tmp_path / "app.log.1", "ab") as copy:
+            copy.write(b"end of the copy\n")  # read after everything the copy would send twice
+        await h.wait(lambda: {"b 9", "end of the copy"} <= set(h.bodies()), what="both files read to their end")
+        bodies = h.bodies()
+        assert sorted(bodies) == sorted([*expected("a", 0, 1000), *expected("b", 0, 10), "end of the copy"])
+        assert h.loss_reports() == []
+        await h.stop()
+
+    run(scenario())
+
+
+def test_copytruncate_while_the_writer_goes_on_sends_each_line_once(tmp_path: Path) -> None:
+    """Like `cp` on a live log: the copy is read from the file while the application appends to it and the
+    source reads those lines from the original; then the file is truncated and written on."""
+    log = tmp_path / "app.log"
+    log.write_bytes(lines("a", 0, 500))
+
+    async def scenario() -> None:
+        h = Harness(files_config(tmp_path / "state", include=[str(tmp_path / "app.log*")]))
+        await h.start()
+        await h.wait_lines(500)
+        written = 500
+        with open(log, "ab") as writer, open(log, "rb") as source, open(tmp_path / "app.log.1", "wb") as copy:
+            while block := source.read(4096):
+                copy.write(block)
+                copy.flush()
+                if written < 1000:
+                    writer.write(lines("a", written, 20))
+                    writer.flush()
+                    written += 20
+                await asyncio.sleep(0.01)
+            os.truncate(log, 0)
+            os.lseek(writer.fileno(), 0, os.SEEK_SET)
+            writer.write(lines("b", 0, 10))
+        with open(tmp_path / "app.log.1", "ab") as copy:
+            copy.write(b"end of the copy\n")
+        await h.wait(lambda: {"b 9", "end of the copy"} <= set(h.bodies()), what="both files read to their end")
+        bodies = h.bodies()
+        # Lines written after the copy's end and before the truncation are in neither file (the window).
+        copied = {int(b.split()[1]) for b in bodies if b.startswith("a ")}
+        assert copied == set(range(max(copied) + 1)) and max(copied) >= 500
+        assert sorted(bodies) == sorted([*expected("a", 0, max(copied) + 1), *expected("b", 0, 10), "end of the copy"])
+        await h.stop()
+
+    run(scenario())
+
+
+def _logrotate() -> str:
+    found = shutil.which("logrotate") or shutil.which("logrotate", path="/usr/sbin:/sbin")
+    assert found, "logrotate is needed (tools/setup-env installs it)"
+    return found
+
+
+def test_real_logrotate_copytruncate_with_an_include_matching_the_copies(tmp_path: Path) -> None:
+    """The reviewer's setup: `dir/*` with `exclude = ["*.gz"]`, real logrotate (copytruncate, compress,
+    delaycompress) run three times while the application writes. No line twice; the only lines missing were
+    written while logrotate ran (the copytruncate window)."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    log = logs / "app.log"
+    log.write_bytes(b"")
+    conf = tmp_path / "logrotate.conf"
+    conf.write_text(f"{log} {{\n  copytruncate\n  rotate 5\n  compress\n  delaycompress\n  missingok\n}}\n")
+    logrotate = [_logrotate(), "-f", "-s", str(tmp_path / "logrotate.state"), str(conf)]
+
+    async def scenario() -> None:
+        h = Harness(files_config(tmp_path / "state", include=[str(logs / "*")], exclude=["*.gz"]))
+        await h.start()
+        written = 0
+        during_rotation: set[int] = set()
+
+        async def write(count: int) -> list[int]:
+            nonlocal written
+            with open(log, "ab") as writer:
+                writer.write("".join(f"line {i} {'x' * 90}\n" for i in range(written, written + count)).encode())
+            written += count
+            return list(range(written - count, written))
+
+        for _ in range(3):
+            for _ in range(20):  # about 200 KB: cp takes several writes
+                await write(100)
+                await asyncio.sleep(0.005)
+            rotation = await asyncio.create_subprocess_exec(*logrotate)
+            while rotation.returncode is None:
+                during_rotation.update(await write(5))
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(rotation.wait(), 0.002)
+            assert rotation.returncode == 0
+        await write(10)
+        with open(logs / "app.log.1", "ab") as copy:
+            copy.write(b"end of the copy\n")  # read after anything the copy would send twice
+        await h.wait(
+            lambda: {f"line {written - 1} {'x' * 90}", "end of the copy"} <= set(h.bodies()), what="the last lines"
+        )
+        bodies = h.bodies()
+        bodies.remove("end of the copy")
+        numbers = [int(b.split()[1]) for b in bodies]
+        twice = sorted(n for n in set(numbers) if numbers.count(n) > 1)
+        assert not twice, f"{len(twice)} lines sent twice, {twice[:3]}...{twice[-3:]}"
+        assert set(range(written)) - set(numbers) <= during_rotation
+        await h.stop()
+
+    run(scenario())
+
+
+def test_files_read_to_their_end_and_gone_while_stopped_are_not_losses(tmp_path: Path) -> None:
+    """Deleted, compressed away or truncated while the agent was stopped, after it had read every line: no
+    loss record (nothing the agent could read was lost)."""
+    log, other, trunc = tmp_path / "app.log", tmp_path / "other.log", tmp_path / "trunc.log"
+    cfg = files_config(tmp_path / "state", include=[str(tmp_path / "*.log")], rotate_wait=60)
+
+    async def scenario() -> None:
+        for path in (log, other, trunc):
+            path.write_bytes(lines(path.stem, 0, 10))
+        h = Harness(cfg)
+        await h.start()
+        await h.wait_lines(30)
+        os.rename(log, tmp_path / "app.log.1")  # rotated while running, read to its end, still within rotate_wait
+        log.write_bytes(lines("new", 0, 5))
+        await h.wait_lines(35)
+        assert h.source is not None
+        await h.wait(lambda: h.source.status()["rotated_pending"] == 1, what="the rotated file")  # type: ignore[union-attr]
+        await h.stop()
+        (tmp_path / "app.log.1").unlink()  # compressed away by the next rotation
+        other.unlink()
+        os.truncate(trunc, 0)
+        trunc.write_bytes(lines("trunc again", 0, 3))
+        h = Harness(cfg)
+        await h.start()
+        with open(log, "ab") as writer:
+            writer.write(b"after restart\n")
+        bodies = await h.wait_lines(39)
+        assert sorted(bodies) == sorted(
+            [
+                *expected("app", 0, 10),
+                *expected("other", 0, 10),
+                *expected("trunc", 0, 10),
+                *expected("new", 0, 5),
+                *expected("trunc again", 0, 3),
+                "after restart",
+            ]
+        )
+        assert h.loss_reports() == []
+        await h.stop()
+
+    run(scenario())
+
+
+def test_copytruncate_while_stopped_with_lines_unread_is_reported_as_file_truncated(tmp_path: Path) -> None:
+    log = tmp_path / "app.log"
+    cfg = files_config(tmp_path / "state", include=[str(log)])
+
+    async def scenario() -> None:
+        log.write_bytes(lines("a", 0, 10))
+        h = Harness(cfg)
+        await h.start()
+        await h.wait_lines(10)
+        with open(log, "ab") as writer:
+            writer.write(lines("a", 10, 5))
+        await h.stop()  # before the source got to the new lines
+        # copytruncate with `compress` and no `delaycompress`: the copy cannot be recognised.
+        (tmp_path / "app.log.1.gz").write_bytes(gzip.compress(log.read_bytes()))
+        os.truncate(log, 0)
+        log.write_bytes(lines("b", 0, 3))
+        h = Harness(cfg)
+        await h.start()
+        assert sorted(await h.wait_lines(13)) == sorted(expected("a", 0, 10) + expected("b", 0, 3))
+        reports = await h.wait(h.loss_reports, what="a loss record")
+        assert [r["attributes"]["edgeagent.loss.reason"] for r in reports] == ["file_truncated"]
+        assert reports[0]["attributes"]["log.file.path"] == str(log)
+        assert h.spool is not None and h.spool.counters().get("files_lost_file_truncated") == 1
         await h.stop()
 
     run(scenario())

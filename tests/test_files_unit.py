@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from test_files_harness import BOOT_ID, Harness, files_config
 
-from edgeagent.config import ConfigError, SpoolConfig, loads
+from edgeagent.config import ConfigError, SpoolConfig, load, loads
 from edgeagent.pipeline import SourceContext
 from edgeagent.sources import inotify
 from edgeagent.sources.files import KUBERNETES_PATH_REGEX, FileSource
@@ -336,10 +339,8 @@ def test_inode_reuse_does_not_resume_at_a_stale_offset(tmp_path: Path, reuse: st
         await h.start()
         bodies = await h.wait_lines(5)
         assert bodies == ["old content line 1", "old content line 2", "NEW 1", "NEW 2", "NEW 3"]
-        # The old file is gone: whatever it may have got after byte 38 is reported, not silently skipped.
-        (report,) = h.loss_reports()
-        assert report["attributes"]["edgeagent.loss.reason"] == "file_rotated_away"
-        assert "after byte 38" in report["body"]
+        # The old file is gone, but it had been read to its end when the agent stopped: nothing was lost.
+        assert h.loss_reports() == []
         await h.stop()
 
     run(scenario())
@@ -467,3 +468,55 @@ def test_restart_of_the_source_in_the_same_agent_reads_nothing_twice(tmp_path: P
         await h.stop()
 
     run(scenario())
+
+
+def test_exclude_patterns_match_file_names_or_whole_paths(tmp_path: Path) -> None:
+    """`exclude = ["*.gz"]` in a config file excludes .gz files wherever the config file is."""
+    logs = tmp_path / "logs"
+    (logs / "old").mkdir(parents=True)
+    for name in ("app.log", "app.log.1.gz", "debug-1.log", "old/kept.log", "old/skipped.txt"):
+        (logs / name).write_bytes(f"{name}\n".encode())
+    conf = tmp_path / "etc" / "edgeagent.toml"
+    conf.parent.mkdir()
+    conf.write_text(
+        f'state_dir = "{tmp_path / "state"}"\n[kmsg]\nenabled = false\n[spool]\nflush_interval = "50ms"\n'
+        f'[[files]]\ninclude = ["{logs}/*", "{logs}/old/*"]\nstart_at = "beginning"\n'
+        'exclude = ["*.gz", "debug-*", "*/old/*.txt"]\n'
+    )
+    config = load(conf)
+
+    async def scenario() -> None:
+        h = Harness(config)
+        await h.start()
+        await h.wait_lines(2)
+        with open(logs / "app.log", "ab") as writer:
+            writer.write(b"last\n")
+        assert sorted(await h.wait_lines(3)) == ["app.log", "last", "old/kept.log"]
+        await h.stop()
+
+    run(scenario())
+    with pytest.raises(ConfigError, match=r"files\[0\]\.exclude = 'old/\*\.txt'.*'\*/old/\*'"):
+        FileSource(dataclasses.replace(config, files=(dataclasses.replace(config.files[0], exclude=("old/*.txt",)),)))
+
+
+def test_a_glob_whose_directory_does_not_exist_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    missing = tmp_path / "not-yet" / "*.log"
+    present = tmp_path / "*.log"
+    with caplog.at_level(logging.WARNING):
+        FileSource(files_config(tmp_path / "state", include=[str(missing), str(present)]))  # at start
+    assert [r.getMessage() for r in caplog.records if "does not exist" in r.getMessage()] == [
+        f"files: files[0].include = '{missing}': the directory {tmp_path / 'not-yet'} does not exist; nothing "
+        "matches until it is created (looked for every rescan_interval, 10s)"
+    ]
+    conf = tmp_path / "edgeagent.toml"
+    conf.write_text(
+        f'state_dir = "{tmp_path / "state"}"\n[kmsg]\nenabled = false\n[upload]\nto = "none"\n'
+        f'[[files]]\ninclude = ["{missing}"]\n'
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "edgeagent", "check-config", "-c", str(conf)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert f"the directory {tmp_path / 'not-yet'} does not exist" in out.stderr

@@ -2,7 +2,8 @@
 
 Owns everything about local log files: finding them (include/exclude globs,
 re-scanned), knowing them (identity = device + inode + a fingerprint of the
-first bytes), reading them (large blocks split into lines; multiline, over-long
+first bytes; a new file that starts with what was read from a tailed one is
+its copy and is read only where it differs), reading them (large blocks split into lines; multiline, over-long
 lines and invalid encodings as slow paths), following them through rotation
 (rename+create, copytruncate, deletion, symlinks, and rotation while the agent
 was stopped) and storing where it is in each (a spool position per file,
@@ -10,7 +11,9 @@ committed with the lines read up to it). docs/files.md states the guarantees.
 
 Positions: key `file:<dev>:<ino>:<fingerprint>`, value JSON
 `{"offset": N, "path": P, "fp_len": L}` plus `"at"` (where the file is now, when
-it was renamed) and `"skip": true` (inside an over-long line that was cut).
+it was renamed), `"skip": true` (inside an over-long line that was cut) and
+`"eof": true` (written at a clean stop: the file was read to its end, so its
+disappearance while the agent is stopped loses nothing it could read).
 `offset` is always the end of the last line emitted: a partial last line is
 re-read until it is complete (or the writer went idle), so a restart resumes
 exactly after the last line committed. Marker positions
@@ -59,6 +62,7 @@ SECTION_PREFIX = "files-section:"
 FINGERPRINT_SIZE = 1024  # bytes of a file's start that, with dev+inode, identify it
 BLOCK_SIZE = 512 * 1024  # bytes read per system call; lines are split a block at a time
 _START_AT_END_LOOKBACK = 64 * 1024
+_LEAD_SIZE = 64
 
 # The Kubernetes pod log layout: /var/log/pods/<namespace>_<pod>_<uid>/<container>/<restart>.log.
 # A "__" in a group name stands for "." in the attribute name.
@@ -105,7 +109,16 @@ class _Group:
         self.index = index
         self.cfg = cfg
         self.include = cfg.include
-        self.exclude = cfg.exclude
+        # A pattern without a "/" matches the file name; one with a "/" the whole path ("*" also matches "/").
+        self.exclude_names = tuple(p for p in cfg.exclude if "/" not in p)
+        self.exclude_paths = tuple(p for p in cfg.exclude if "/" in p)
+        for pattern in self.exclude_paths:
+            if not pattern.startswith(("/", "*")):
+                raise ConfigError(
+                    f"{where}files[{index}].exclude = {pattern!r}: a pattern with a '/' is matched against the "
+                    "whole path: expected it to start with '/' or '*' (e.g. '*/old/*'), or a file name pattern "
+                    "without '/' (e.g. '*.gz')"
+                )
         self.marker = SECTION_PREFIX + fingerprint("\0".join(cfg.include).encode())
         self.max_line = cfg.max_line_size
         if self.max_line < 1:
@@ -136,6 +149,18 @@ class _Group:
                 )
             self.encoding = encoding_name
         self._patterns = [p.split("/") for p in self.include]
+        for pattern, parts in zip(self.include, self._patterns, strict=True):
+            base = _fixed_dir(parts)
+            if not os.path.isdir(base):
+                log.warning(
+                    "files: %sfiles[%d].include = %r: the directory %s does not exist; nothing matches until it "
+                    "is created (looked for every rescan_interval, %gs)",
+                    where,
+                    index,
+                    pattern,
+                    base,
+                    cfg.rescan_interval,
+                )
 
     def matches(self, path: str) -> bool:
         """Whether `path` is one this section tails (glob semantics: `*` stays within a path component)."""
@@ -152,7 +177,10 @@ class _Group:
         return False
 
     def excluded(self, path: str) -> bool:
-        return any(fnmatch.fnmatchcase(path, p) for p in self.exclude)
+        name = path.rpartition("/")[2]
+        return any(fnmatch.fnmatchcase(name, p) for p in self.exclude_names) or any(
+            fnmatch.fnmatchcase(path, p) for p in self.exclude_paths
+        )
 
     def attributes(self, path: str) -> Attributes:
         attrs: Attributes = {"log.file.path": path, "log.file.name": os.path.basename(path)}
@@ -169,8 +197,8 @@ class _Group:
         """Directories whose entries can match an include pattern (for inotify)."""
         dirs: set[str] = set()
         for pattern, parts in zip(self.include, self._patterns, strict=True):
-            first_magic = next((i for i, p in enumerate(parts[:-1]) if _MAGIC.search(p)), len(parts) - 1)
-            dirs.add("/".join(parts[:first_magic]) or "/")
+            dirs.add(_fixed_dir(parts))
+            first_magic = _first_magic(parts)
             if "**" in pattern:
                 continue  # deeper levels: the directories of matched files are added by the scan
             for level in range(first_magic, len(parts) - 1):
@@ -184,22 +212,28 @@ class _Tailer:
     __slots__ = (
         "at",
         "attrs",
+        "born",
+        "copy_of",
         "detached",
         "dev",
         "eof_release",
         "fd",
+        "first_read",
         "fp",
         "fp_len",
         "grew_mono",
         "group",
         "ino",
         "key",
+        "lead",
         "path",
         "polled",
         "pos",
         "size",
         "skip",
         "timer",
+        "unidentified",
+        "verified",
         "wd",
     )
 
@@ -220,6 +254,13 @@ class _Tailer:
         self.attrs = group.attributes(attrs_path)
         self.detached = False  # no longer at a path the section matches: read to the end, then let go
         self.eof_release = False  # a finished copy (copytruncate): let go at its end
+        self.unidentified = False  # new: read from its start unless it proves to be a copy of a tailed file
+        self.copy_of: _Tailer | None = None  # the tailed file this one is a copy of (read nothing while it is)
+        self.verified = 0  # bytes known equal to `copy_of`'s
+        self.lead: bytes | None = None  # the file's first bytes (up to _LEAD_SIZE), to find copies quickly
+        # When it was opened and when it was first read from, counted in files opened: only a file read from
+        # before another one appeared can be the original that one is a copy of.
+        self.born = self.first_read = -1
         self.wd = -1
         self.polled = False
         self.timer: asyncio.TimerHandle | None = None
@@ -228,19 +269,21 @@ class _Tailer:
     def ident(self) -> tuple[int, int]:
         return (self.dev, self.ino)
 
-    def position_value(self) -> str:
+    def position_value(self, read_to_end: bool = False) -> str:
         value: dict[str, Any] = {"offset": self.pos, "path": self.path, "fp_len": self.fp_len}
         if self.at != self.path:
             value["at"] = self.at
         if self.skip:
             value["skip"] = True
+        if read_to_end:
+            value["eof"] = True
         return json.dumps(value)
 
 
 class _Stored:
     """A position read back from the spool at start."""
 
-    __slots__ = ("at", "dev", "fp", "fp_len", "group", "ino", "key", "offset", "path", "skip")
+    __slots__ = ("at", "dev", "eof", "fp", "fp_len", "group", "ino", "key", "offset", "path", "skip")
 
     def __init__(self, key: str, value: str, groups: list[_Group]) -> None:
         self.key = key
@@ -252,6 +295,7 @@ class _Stored:
         self.fp_len = int(data["fp_len"])
         self.at = str(data.get("at", self.path))
         self.skip = bool(data.get("skip", False))
+        self.eof = bool(data.get("eof", False))  # read to its end when the agent stopped cleanly
         self.group = next((g for g in groups if g.matches(self.path)), None)
 
 
@@ -271,6 +315,8 @@ class FileSource:
         self._markers: set[str] = set()
         self._forget: list[str] = []
         self._unopened: dict[tuple[int, int], _Stored] = {}  # stored positions of files that failed to open
+        self._copies: set[_Tailer] = set()  # files known as copies of tailed ones (copy_of set)
+        self._opened = 0  # files opened so far
         self._inotify: inotify.Inotify | None = None
         self._wd_tailer: dict[int, _Tailer] = {}
         self._dir_wd: dict[str, int] = {}
@@ -418,6 +464,7 @@ class FileSource:
             if timer is not None:
                 timer.cancel()
         self._rescan_timer = self._poll_timer = None
+        self._store_read_to_end()
         for t in list(self._tailers.values()):
             self._close(t)
         self._dirty.clear()
@@ -429,6 +476,16 @@ class FileSource:
         self._dir_wd.clear()
         self._wd_dir.clear()
         self._unopened.clear()
+
+    def _store_read_to_end(self) -> None:
+        """At a clean stop, mark the files read to their end: if such a file is gone at the next start, nothing
+        the agent could have read was lost (lines written after the stop cannot be known, see docs/files.md)."""
+        ctx = self._ctx
+        for t in self._tailers.values():
+            with contextlib.suppress(OSError):
+                if ctx is not None and t.key and not t.skip and os.fstat(t.fd).st_size <= t.pos:
+                    position = (t.key, t.position_value(read_to_end=True))
+                    ctx.emit_nowait(Batch(self.name, [], monotonic_ns(), ctx.boot_id, t.attrs, position))
 
     # --- restoring positions at start ---------------------------------------------------
 
@@ -518,13 +575,28 @@ class FileSource:
             if self._open_stored(entry, path, copy=True):
                 return
         self._forget.append(entry.key)
-        self._report_loss(
-            entry.path,
-            "file_rotated_away",
-            f"edgeagent: {entry.path} was rotated or deleted while the agent was stopped and no file with its "
-            f"identity is left in {os.path.dirname(entry.at)}; lines it got after byte {entry.offset}, if any, "
-            "were not read",
-        )
+        truncated = any((st.st_dev, st.st_ino) == (entry.dev, entry.ino) for _, st in self._listing(entry, listings))
+        if entry.eof:
+            log.info(
+                "files: %s, read to its end when the agent stopped, was %s while it was stopped",
+                entry.path,
+                "truncated" if truncated else "rotated away or deleted",
+            )
+        elif truncated:
+            self._report_loss(
+                entry.path,
+                "file_truncated",
+                f"edgeagent: {entry.path} was truncated while the agent was stopped and no copy of it was found "
+                f"next to it; lines it got after byte {entry.offset}, if any, were not read",
+            )
+        else:
+            self._report_loss(
+                entry.path,
+                "file_rotated_away",
+                f"edgeagent: {entry.path} was rotated or deleted while the agent was stopped and no file with its "
+                f"identity is left in {os.path.dirname(entry.at)}; lines it got after byte {entry.offset}, if "
+                "any, were not read",
+            )
 
     def _listing(
         self, entry: _Stored, listings: dict[str, list[tuple[str, os.stat_result]]]
@@ -576,7 +648,6 @@ class FileSource:
         watch_dirs: set[str] = set().union(*(group.watch_dirs() for group in self._groups))
         self._update_dir_watches(watch_dirs, drop_others=False)
         new_markers: list[_Group] = []
-        copy_index = self._copy_index()
         for group in self._groups:
             first_time = group.marker not in self._markers
             for pattern in group.include:
@@ -597,7 +668,7 @@ class FileSource:
                             t.detached = False  # renamed back, or a rotated file the section also matches
                             t.at = _real_path(t.fd, path)
                         continue
-                    self._start_new(group, path, st, first_time, copy_index)
+                    self._start_new(group, path, st, first_time)
             if first_time:
                 new_markers.append(group)
         for t in list(self._tailers.values()):
@@ -611,14 +682,7 @@ class FileSource:
         self._update_dir_watches(watch_dirs)
         self._arm_poll()
 
-    def _start_new(
-        self,
-        group: _Group,
-        path: str,
-        st: os.stat_result,
-        first_time: bool,
-        copy_index: dict[tuple[int, str], _Tailer],
-    ) -> None:
+    def _start_new(self, group: _Group, path: str, st: os.stat_result, first_time: bool) -> None:
         """A file seen for the first time: where to start reading it."""
         stored = self._unopened.get((st.st_dev, st.st_ino))
         if stored is not None:
@@ -630,48 +694,16 @@ class FileSource:
                 self._open_stored(stored, path)
                 return
         start, skip = 0, False
-        if first_time and group.cfg.start_at == "end":
+        from_end = first_time and group.cfg.start_at == "end"
+        if from_end:
             start, skip = _end_of_last_line(path, st.st_size)
-        else:
-            start = self._copy_offset(path, st, copy_index)
         t = self._open(group, path, start, attrs_path=path)
         if t is None:
             return
         t.skip = skip
+        t.unidentified = not from_end  # a copy of a tailed file (copytruncate) must not be read from its start
         if t.size and start:
             self._set_fingerprint(t, t.size)  # store the start now: a restart must not begin again at 0
-
-    def _copy_offset(self, path: str, st: os.stat_result, index: dict[tuple[int, str], _Tailer]) -> int:
-        """A new file that starts with the same bytes as a file already tailed is a copy of it
-        (copytruncate with an include that matches the copy's name): read it from where the
-        original had been read up to, instead of from the start.
-
-        Equal first bytes say "copy" only if they cover everything read from the original, or a whole
-        fingerprint of it: unrelated short files often share a first line. The stored fingerprints are
-        compared (the original may be truncated already); `index` maps (length, fingerprint) to tailers.
-        """
-        if not st.st_size or not index:
-            return 0
-        try:
-            with open(path, "rb") as f:
-                head = f.read(FINGERPRINT_SIZE)
-        except OSError:
-            return 0
-        for n in sorted({n for n, _ in index if n <= len(head)}, reverse=True):
-            t = index.get((n, fingerprint(head[:n])))
-            if t is not None and t.pos <= st.st_size and (st.st_dev, st.st_ino) != t.ident:
-                self._stats["copies_recovered"] += 1
-                log.info("files: %s is a copy of %s; reading it from byte %d", path, t.at, t.pos)
-                return t.pos
-        return 0
-
-    def _copy_index(self) -> dict[tuple[int, str], _Tailer]:
-        """Tailers whose fingerprint covers all that was read from them, or a whole fingerprint."""
-        return {
-            (t.fp_len, t.fp): t
-            for t in self._tailers.values()
-            if t.pos and t.fp_len and (t.pos <= t.fp_len or t.fp_len == FINGERPRINT_SIZE)
-        }
 
     def _open(self, group: _Group, path: str, pos: int, attrs_path: str) -> _Tailer | None:
         try:
@@ -692,6 +724,9 @@ class FileSource:
             os.close(fd)
             return None
         t = _Tailer(group, _real_path(fd, path), fd, st, pos, attrs_path)
+        self._opened += 1
+        t.born = self._opened
+        t.first_read = self._opened if pos else -1
         self._tailers[t.ident] = t
         self._watch(t)
         self._dirty[t] = None
@@ -755,7 +790,13 @@ class FileSource:
         if size > seen:
             t.grew_mono = time.monotonic()
         t.size = size
-        if size < t.pos or (t.fp_len and (size < t.fp_len or _fd_fingerprint(t.fd, t.fp_len) != t.fp)):
+        if t.unidentified and not self._identify(t, size):
+            return False
+        if t.copy_of is not None:
+            more = self._follow_original(t, size)
+            if t.copy_of is not None:
+                return more
+        if _rewritten(t, size):
             self._truncated(t, seen)
             return True
         if size > t.fp_len and t.fp_len < FINGERPRINT_SIZE and (not t.fp_len or size >= FINGERPRINT_SIZE):
@@ -772,6 +813,113 @@ class FileSource:
                 return True
         self._at_end(t, size)
         return False
+
+    # --- copies noticed while they are written (copytruncate with an include that matches the copy) ------
+
+    def _identify(self, t: _Tailer, size: int) -> bool:
+        """Whether a new file can be read from its start now. A file whose first bytes equal everything read
+        from a tailed file (or a whole fingerprint of it) is a copy of that file, whatever its size when it is
+        seen: it then shadows the original (True). While its first bytes are only a beginning of such a file's
+        (a copy still being written), it waits until they tell, or until its writer is idle."""
+        if size == 0:
+            return False
+        head = os.pread(t.fd, min(size, FINGERPRINT_SIZE), 0)
+        maybe = False
+        for o in list(self._tailers.values()):
+            if not 0 <= o.first_read < t.born or not o.pos or not o.fp_len or o.copy_of is not None:
+                continue
+            verdict = self._copy_verdict(head, o)
+            if verdict is None:  # `o` was rewritten in place: its truncation is handled first, then this file
+                self._dirty.update({o: None, t: None})
+                return False
+            if verdict == "copy":
+                self._shadow(t, o, min(o.pos, FINGERPRINT_SIZE))
+                return True
+            maybe = maybe or verdict == "maybe"
+        deadline = t.grew_mono + t.group.cfg.partial_line_timeout
+        if maybe and time.monotonic() < deadline:
+            self._arm_timer(t, deadline)
+            return False
+        t.unidentified = False
+        return True
+
+    def _copy_verdict(self, head: bytes, o: _Tailer) -> str | None:
+        """Whether a file starting with `head` is a copy of `o`: "copy", "maybe" (too short to tell), "no",
+        or None when `o` itself changed at its start (truncated, not handled yet)."""
+        if o.lead is None:
+            intact = self._intact_head(o, 0)
+            if intact is None:
+                return None
+            o.lead = intact[:_LEAD_SIZE]
+        if not head.startswith(o.lead[: len(head)]):
+            return "no"  # the usual case, without a system call
+        n = min(o.pos, FINGERPRINT_SIZE)
+        theirs = self._intact_head(o, n)
+        if theirs is None:
+            return None
+        if len(head) >= n:
+            return "copy" if head[:n] == theirs[:n] else "no"
+        return "maybe" if theirs.startswith(head) else "no"
+
+    def _intact_head(self, t: _Tailer, n: int) -> bytes | None:
+        """The first `n` bytes of `t` (fewer if shorter), None if its fingerprinted start changed."""
+        data = os.pread(t.fd, max(n, t.fp_len), 0)
+        return data if fingerprint(data[: t.fp_len]) == t.fp else None
+
+    def _shadow(self, copy: _Tailer, original: _Tailer, verified: int) -> None:
+        copy.unidentified = False
+        copy.copy_of, copy.verified = original, verified
+        self._copies.add(copy)
+        self._stats["copies_recovered"] += 1
+        log.info("files: %s is a copy of %s; it is read only where it differs", copy.at, original.at)
+
+    def _follow_original(self, t: _Tailer, size: int) -> bool:
+        """Compare the next block of a copy with its original. While the copy holds nothing but the original's
+        bytes, reading the original is enough; it stops being a copy where it differs, or when the original
+        is truncated or let go (`_unshadow`). True when there is more to compare."""
+        o = t.copy_of
+        assert o is not None
+        o_size = os.fstat(o.fd).st_size
+        if _rewritten(o, o_size):  # truncated (copytruncate): that is handled first, then this file
+            self._dirty.update({o: None, t: None})
+            return False
+        end = min(size, o_size)
+        if t.verified < end:
+            n = min(end - t.verified, t.group.block_size)
+            mine, theirs = os.pread(t.fd, n, t.verified), os.pread(o.fd, n, t.verified)
+            if mine != theirs:
+                self._diverged(t, t.verified + _first_difference(mine, theirs))
+                return True
+            t.verified += n
+            return t.verified < end
+        if size > o_size:
+            self._diverged(t, o_size)
+            return True
+        if t.detached:  # a copy deleted or renamed away before its original was truncated: nothing to read
+            self._close(t)
+        return False
+
+    def _diverged(self, t: _Tailer, at: int) -> None:
+        """`t` differs from its original at byte `at`: its lines from the one holding that byte are its own."""
+        back = max(0, at - t.group.block_size)
+        nl = os.pread(t.fd, at - back, back).rfind(b"\n")
+        start = back + nl + 1 if nl >= 0 else back
+        assert t.copy_of is not None
+        log.info("files: %s differs from %s at byte %d; reading it from byte %d", t.at, t.copy_of.at, at, start)
+        self._copies.discard(t)
+        t.copy_of = None
+        t.pos = start
+
+    def _unshadow(self, original: _Tailer, pos: int) -> bool:
+        """The original was truncated or let go after `pos` bytes were read: its copies go on from there.
+        True if it had any."""
+        copies = [c for c in self._copies if c.copy_of is original]
+        for c in copies:
+            self._copies.discard(c)
+            c.copy_of = None
+            c.pos = min(pos, os.fstat(c.fd).st_size)
+            self._dirty[c] = None
+        return bool(copies)
 
     def _at_end(self, t: _Tailer, size: int) -> None:
         """Everything there is was read: flush a stale partial line, let go of finished rotated files."""
@@ -954,6 +1102,8 @@ class FileSource:
         return records
 
     def _emit(self, t: _Tailer, records: list[Any], raw_bytes: int = -1) -> None:
+        if t.first_read < 0 and t.pos:
+            t.first_read = self._opened
         if not t.key:
             return  # nothing was ever read from the file: there is no position to keep
         if records:
@@ -972,9 +1122,9 @@ class FileSource:
         """(Re)compute the fingerprint over the first bytes there are, up to FINGERPRINT_SIZE, and store
         the position under the new key before the old key is dropped."""
         n = min(size, FINGERPRINT_SIZE)
-        fp = _fd_fingerprint(t.fd, n)
+        head = os.pread(t.fd, n, 0)
         old = t.key
-        t.fp, t.fp_len = fp, n
+        t.fp, t.fp_len, t.lead = fingerprint(head), n, head[:_LEAD_SIZE]
         t.key = self._key(t)
         if t.key != old:
             self._emit(t, [])
@@ -987,8 +1137,8 @@ class FileSource:
         self._stats["truncations"] += 1
         old_key, old_fp, old_len, old_pos, old_size = t.key, t.fp, t.fp_len, t.pos, seen_size
         log.info("files: %s was truncated at byte %d; reading it again from the start", t.at, old_pos)
-        recovered = False
-        if old_fp:
+        recovered = self._unshadow(t, old_pos)
+        if old_fp and not recovered:
             recovered = self._recover_from_copy(t, old_fp, old_len, old_pos)
         if not recovered and old_size > old_pos and old_fp:
             self._report_loss(
@@ -1000,7 +1150,7 @@ class FileSource:
         if t.timer is not None:
             t.timer.cancel()
             t.timer = None
-        t.pos, t.skip, t.fp, t.fp_len, t.key = 0, False, "", 0, ""
+        t.pos, t.skip, t.fp, t.fp_len, t.key, t.lead, t.first_read = 0, False, "", 0, "", None, -1
         t.size = 0
         if old_key:
             self._forget.append(old_key)
@@ -1024,8 +1174,12 @@ class FileSource:
                 continue
             if _file_fingerprint(path, fp_len) != fp:
                 continue
-            if ident in self._tailers:
-                return True  # the copy matches the include globs and is tailed already
+            tailed = self._tailers.get(ident)
+            if tailed is not None:  # the copy matches the include globs and is tailed already
+                if tailed.unidentified:  # not read yet: from where this file had been read up to
+                    tailed.unidentified, tailed.pos, tailed.skip = False, pos, t.skip
+                    self._stats["copies_recovered"] += 1
+                return True
             candidates.append((st.st_mtime, path, st))
         for _, path, _ in sorted(candidates, reverse=True):
             copy = self._open(t.group, path, pos, attrs_path=t.path)
@@ -1054,6 +1208,9 @@ class FileSource:
     def _close(self, t: _Tailer) -> None:
         if self._tailers.get(t.ident) is t:
             del self._tailers[t.ident]
+        self._copies.discard(t)
+        if self._copies:
+            self._unshadow(t, t.pos)
         self._dirty.pop(t, None)
         if t.timer is not None:
             t.timer.cancel()
@@ -1115,6 +1272,16 @@ def _may_have_long_line(seg: bytes, limit: int) -> bool:
     return any(find(b"\n", start, start + window) < 0 for start in range(0, len(seg) - window + 1, window))
 
 
+def _first_magic(parts: list[str]) -> int:
+    """Index of the first directory component of a split pattern that has glob characters."""
+    return next((i for i, p in enumerate(parts[:-1]) if _MAGIC.search(p)), len(parts) - 1)
+
+
+def _fixed_dir(parts: list[str]) -> str:
+    """The deepest directory of a split pattern without glob characters."""
+    return "/".join(parts[: _first_magic(parts)]) or "/"
+
+
 def _real_path(fd: int, fallback: str) -> str:
     """Where the open file is now (symlinks resolved, renames followed), from /proc/self/fd."""
     try:
@@ -1129,6 +1296,15 @@ def _stat(path: str) -> os.stat_result | None:
         return os.stat(path)
     except (OSError, ValueError):
         return None
+
+
+def _rewritten(t: _Tailer, size: int) -> bool:
+    """Whether the file is shorter than what was read from it, or its first bytes changed (truncated)."""
+    return size < t.pos or bool(t.fp_len and (size < t.fp_len or _fd_fingerprint(t.fd, t.fp_len) != t.fp))
+
+
+def _first_difference(a: bytes, b: bytes) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 def _fd_fingerprint(fd: int, n: int) -> str:
