@@ -42,11 +42,13 @@ def export_entry(fields: dict[str, str | bytes]) -> bytes:
 
 
 def numbered_entries(tag: str, first: int, count: int, unit: str = "app.service") -> list[dict[str, str | bytes]]:
-    now_us = int(time.time() * 1e6)
+    # Like one journald on one boot: an entry written later has later realtime and monotonic timestamps
+    # (journalctl orders entries of the same boot by their monotonic time).
+    now_us, mono_us = int(time.time() * 1e6), int(time.monotonic() * 1e6)
     return [
         {
             "__REALTIME_TIMESTAMP": str(now_us + n),
-            "__MONOTONIC_TIMESTAMP": str(1_000_000 + n),
+            "__MONOTONIC_TIMESTAMP": str(mono_us + n),
             "_BOOT_ID": OTHER_BOOT,
             "MESSAGE": f"{tag} {n} payload={n * 7919 % 10007:05d}",
             "PRIORITY": str(n % 8),
@@ -67,6 +69,19 @@ def write_journal(path: Path, entries: list[dict[str, str | bytes]]) -> None:
 
 def journal_records(state_dir: Path) -> list[dict[str, Any]]:
     return [r for r in spool_records(state_dir) if r["scope"] == "edgeagent/journald"]
+
+
+def spooled(state_dir: Path) -> int:
+    """Records in the spool, counted without decoding them (all are journal entries in these tests)."""
+    from edgeagent.spool import Spool
+
+    spool = Spool.open_readonly(state_dir / "spool.db")
+    if spool is None:
+        return 0
+    try:
+        return spool.backlog()["records"]
+    finally:
+        spool.close()
 
 
 def numbers(records: list[dict[str, Any]], tag: str) -> list[int]:
@@ -187,6 +202,7 @@ start_at = "end"
     ]  # fmt: skip
     assert source.command("s=1;i=2")[5:9] == ["--follow", "--after-cursor", "s=1;i=2", "--no-tail"]
     assert source.command("s=1;i=2", follow=False)[-2:] == ["--cursor", "s=1;i=2"]
+    assert source.command(None, follow=False)[-2:] == ["--system", "--lines=1"]
 
 
 # --- real journal files, real agent ----------------------------------------------------------------------
@@ -223,26 +239,26 @@ def journalctl_children(pid: int) -> list[int]:
 
 @needs_tools
 def test_kill_9_mid_stream_loses_and_repeats_nothing(make_agent: Any, tmp_path: Path) -> None:
-    """30000 entries; the agent is SIGKILLed three times while it reads them, then journalctl itself is killed
+    """20000 entries; the agent is SIGKILLed three times while it reads them, then journalctl itself is killed
     while the agent follows a second journal file: every entry is in the spool exactly once."""
     journal = tmp_path / "journal"
     journal.mkdir()
-    total = 30000
+    total = 20000
     write_journal(journal / "first.journal", numbered_entries("k", 0, total))
     agent = make_agent(config(journal))
     kills = 0
     for _ in range(3):
         agent.start()
-        count = wait_for(lambda: len(journal_records(agent.state_dir)), 60, interval=0.2, what="some entries")
+        count = wait_for(lambda: spooled(agent.state_dir), 60, interval=0.1, what="some entries")
         if count < total:
             kills += 1
         agent.kill()
     agent.start()
-    wait_for(lambda: len(journal_records(agent.state_dir)) >= total, 180, interval=0.5, what="all entries")
+    wait_for(lambda: spooled(agent.state_dir) >= total, 180, interval=0.2, what="all entries")
     child = wait_for(lambda: journalctl_children(agent.proc.pid), 20, what="the journalctl child")[0]
     os.kill(child, signal.SIGKILL)
     write_journal(journal / "second.journal", numbered_entries("k", total, 2000))
-    wait_for(lambda: len(journal_records(agent.state_dir)) >= total + 2000, 120, interval=0.5, what="followed entries")
+    wait_for(lambda: spooled(agent.state_dir) >= total + 2000, 120, interval=0.2, what="followed entries")
     assert wait_for(lambda: agent.status()["sources"]["journald"]["restarts"] >= 1, 20, what="a journalctl restart")
     records = journal_records(agent.state_dir)
     got = numbers(records, "k")
@@ -272,4 +288,30 @@ def test_vacuumed_cursor_resumes_at_the_oldest_entry_with_a_gap_record(make_agen
     gaps = [r for r in records if r["attributes"].get("edgeagent.loss.reason") == "journal_cursor_gone"]
     assert len(gaps) == 1 and gaps[0]["severity_text"] == "WARN"
     assert agent.status()["counters"]["journald_gaps"] == 1
+    assert agent.stop() == 0
+
+
+@needs_tools
+def test_start_at_end_reads_only_new_entries_across_a_restart(make_agent: Any, tmp_path: Path) -> None:
+    """start_at = "end": the entries already there are skipped; the last one's cursor is stored at once, so
+    entries written while the agent is stopped, before it ever read one, are still read."""
+    journal = tmp_path / "journal"
+    journal.mkdir()
+    write_journal(journal / "before.journal", numbered_entries("before", 0, 100))
+    agent = make_agent(config(journal, 'start_at = "end"'))
+    agent.start()
+    wait_for(
+        lambda: (agent.status()["sources"]["journald"].get("cursor") or "").count(";i=64;"),
+        30,
+        what="the cursor of the last entry (i=0x64)",
+    )
+    assert agent.stop() == 0
+    write_journal(journal / "stopped.journal", numbered_entries("stopped", 0, 40))
+    agent.start()
+    write_journal(journal / "running.journal", numbered_entries("running", 0, 60))
+    wait_for(lambda: len(journal_records(agent.state_dir)) == 100, 60, what="the new entries")
+    records = journal_records(agent.state_dir)
+    assert not numbers(records, "before")
+    assert sorted(numbers(records, "stopped")) == list(range(40))
+    assert sorted(numbers(records, "running")) == list(range(60))
     assert agent.stop() == 0

@@ -203,7 +203,9 @@ max_connections = 3
     assert agent.stop() == 0
 
 
-def test_over_long_messages_are_cut_marked_and_counted(make_agent: Any, tmp_path: Path) -> None:
+def test_over_long_and_invalid_messages_are_cut_marked_and_counted(make_agent: Any, tmp_path: Path) -> None:
+    """Over-long messages on UDP, TCP octet counting and TCP newline framing are cut, marked and counted; invalid
+    UTF-8 is replaced and counted. The TCP listener is on IPv6 loopback."""
     udp, tcp = free_port(), free_port()
     agent = make_agent(
         SPOOL_ONLY
@@ -212,17 +214,15 @@ def test_over_long_messages_are_cut_marked_and_counted(make_agent: Any, tmp_path
 listen = "udp://127.0.0.1:{udp}"
 max_message_size = "1KiB"
 [[syslog]]
-listen = "tcp://127.0.0.1:{tcp}"
+listen = "tcp://[::1]:{tcp}"
 max_message_size = "1KiB"
 """
     )
     start_listening(agent)
     run_logger("-n", "127.0.0.1", "-P", str(udp), "-d", "--size", "8192", "-t", "big", "udp " + "u" * 3000)
-    run_logger(
-        "-n", "127.0.0.1", "-P", str(tcp), "-T", "--octet-count", "--size", "8192", "-t", "big", "octet " + "o" * 5000
-    )
-    with socket.create_connection(("127.0.0.1", tcp)) as s:
-        s.sendall(b"<13>big: newline " + "é".encode() * 3000 + b"\n<13>big: after\n")
+    run_logger("-n", "::1", "-P", str(tcp), "-T", "--octet-count", "--size", "8192", "-t", "big", "octet " + "o" * 5000)
+    with socket.create_connection(("::1", tcp)) as s:
+        s.sendall(b"<13>big: newline " + "é".encode() * 3000 + b"\n<13>big: after \xff\xfe bytes\n")
     wait_for(lambda: len(syslog_records(agent.state_dir)) == 4, 30, what="four records")
     records = {r["body"].split()[0]: r for r in syslog_records(agent.state_dir)}
     for word in ("udp", "octet", "newline"):
@@ -230,8 +230,14 @@ max_message_size = "1KiB"
         assert attrs["edgeagent.line.truncated"] is True
         assert len(records[word]["body"].encode()) <= 1024 - 10  # what is left after the header
     assert records["newline"]["attributes"]["edgeagent.line.original_bytes"] == len(b"<13>big: newline ") + 6000
+    assert records["newline"]["attributes"]["network.peer.address"] == "::1"
+    assert records["after"]["body"] == "after \ufffd\ufffd bytes"
     assert "edgeagent.line.truncated" not in records["after"]["attributes"]
-    wait_for(lambda: counters(agent).get("syslog_truncated") == 3, 20, what="syslog_truncated = 3")
+    wait_for(
+        lambda: counters(agent).get("syslog_truncated") == 3 and counters(agent).get("syslog_invalid_utf8") == 1,
+        20,
+        what="syslog_truncated = 3, syslog_invalid_utf8 = 1",
+    )
     assert agent.stop() == 0
 
 

@@ -238,6 +238,8 @@ class JournaldSource:
         return {"state": self._state, "error": self._error, "cursor": self._cursor, **self._stats}
 
     def command(self, cursor: str | None, follow: bool = True) -> list[str]:
+        """journalctl's arguments: following after `cursor` with the filters, or (not `follow`) listing the
+        journal from `cursor` on, or from its last entry when `cursor` is None, without filters."""
         cfg = self.cfg
         args = [cfg.journalctl, "-o", "export", "--no-pager"]
         if cfg.directory:
@@ -245,7 +247,7 @@ class JournaldSource:
         elif cfg.system_only:
             args.append("--system")
         if not follow:
-            return [*args, "--cursor", cursor or ""]
+            return [*args, "--cursor", cursor] if cursor else [*args, "--lines=1"]
         args.append("--follow")
         if cursor:
             # --no-tail too: --follow alone implies --lines=10, which stops after 10 entries past the cursor
@@ -267,9 +269,11 @@ class JournaldSource:
         delay = RETRY_INITIAL
         try:
             while True:
-                if self._cursor is not None and not await self._cursor_exists(self._cursor):
+                if self._cursor is not None and await self._first_cursor(self._cursor) != self._cursor:
                     self._report_gap(self._cursor)
                     self._cursor, self._from_oldest = None, True
+                elif self._cursor is None and not self._from_oldest and self.cfg.start_at == "end":
+                    await self._start_at_end(ctx)
                 started = time.monotonic()
                 await self._follow(ctx)
                 if time.monotonic() - started > 10 * RETRY_MAX:
@@ -281,8 +285,9 @@ class JournaldSource:
             await self._stop_child()
             self._state = "stopped"
 
-    async def _cursor_exists(self, cursor: str) -> bool:
-        """True if the journal still holds the entry `cursor` names (journalctl --cursor starts there)."""
+    async def _first_cursor(self, cursor: str | None) -> str | None:
+        """The cursor of the first entry `journalctl --cursor C` lists (`cursor` None: of the last entry in the
+        journal); None if there is none. The child is killed once the first line is read."""
         try:
             proc = await asyncio.create_subprocess_exec(
                 *self.command(cursor, follow=False),
@@ -293,7 +298,7 @@ class JournaldSource:
             )
         except OSError as e:
             self._fail(f"cannot run {self.cfg.journalctl}: {e}")
-            return True  # cannot tell: keep the cursor, the follow attempt reports and retries
+            return cursor  # cannot tell: keep the cursor, the follow attempt reports and retries
         assert proc.stdout is not None
         try:
             first = await asyncio.wait_for(proc.stdout.readline(), CHECK_TIMEOUT)
@@ -303,7 +308,9 @@ class JournaldSource:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await proc.wait()
-        return first.rstrip(b"\n") == b"__CURSOR=" + cursor.encode()
+        if not first.startswith(b"__CURSOR="):
+            return None
+        return first[len(b"__CURSOR=") :].rstrip(b"\n").decode("ascii", "replace")
 
     async def _follow(self, ctx: SourceContext) -> None:
         """Run journalctl until it exits; hand over every entry with its cursor."""
@@ -336,6 +343,13 @@ class JournaldSource:
             await self._stop_child()
             await asyncio.gather(stderr_task, return_exceptions=True)
         self._fail(f"journalctl exited with status {proc.returncode}: {self._stderr or 'no message'}; restarting")
+
+    async def _start_at_end(self, ctx: SourceContext) -> None:
+        """First start with start_at = "end": store the cursor of the journal's last entry at once, so entries
+        logged from now on are read even if the agent restarts before any of them arrives."""
+        self._cursor = await self._first_cursor(None)
+        if self._cursor is not None:
+            ctx.emit_nowait(Batch(SOURCE, [], monotonic_ns(), ctx.boot_id, position=(self.key, self._cursor)))
 
     def _batch(self, ctx: SourceContext, entries: list[dict[str, bytes]], boot_hex: str) -> Batch:
         offset = time.time_ns() - monotonic_ns()
