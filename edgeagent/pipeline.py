@@ -431,12 +431,6 @@ class SourceContext:
         checks `accepting` before reading more."""
         self._batcher.add(batch)
 
-    @property
-    def stalled(self) -> bool:
-        """The spool takes no writes for now (see `Batcher.stalled`): sources that
-        cannot pause their sender (datagrams) drop, count and report instead."""
-        return self._batcher.stalled
-
     def count(self, counters: dict[str, int]) -> None:
         """Add to persistent counters (committed with the next chunk)."""
         self._batcher.count(counters)

@@ -10,7 +10,7 @@ Guarantees (docs/syslog.md says what a crash loses per transport):
 - Everything received is handed to the batcher at once, so it is in the spool
   within `[spool].flush_interval`. There is no position: a sender cannot
   replay, so what was received and not yet committed is what a kill -9 loses.
-- When the spool takes no writes (`ctx.stalled`), stream connections stop
+- When the spool takes no writes (`not ctx.accepting`), stream connections stop
   being read (`ctx.emit` waits), so back-pressure reaches the sender through
   TCP flow control; datagrams cannot be paused without blocking every local
   writer of /dev/log, so they are dropped, counted (`syslog_dropped`) and
@@ -330,7 +330,7 @@ class _Listener:
             except OSError as e:
                 log.warning("syslog: receiving on %s failed: %s", self.cfg.listen, e)
                 break
-            if ctx.stalled:
+            if not ctx.accepting:
                 dropped += 1
                 continue
             original = -1 if flags & socket.MSG_TRUNC else 0
@@ -382,7 +382,7 @@ class _Listener:
         self._drop_timer = None
         if ctx is None or not self._unreported_drops:
             return
-        if ctx.stalled:
+        if not ctx.accepting:
             interval = ctx.config.spool.flush_interval
             self._drop_timer = asyncio.get_running_loop().call_later(interval, self._report_drops)
             return
