@@ -30,6 +30,7 @@ from typing import Any
 from edgeagent import __version__, clock, redact, statedir
 from edgeagent import config as config_mod
 from edgeagent.config import Config, ConfigError
+from edgeagent.mqtt import MqttSession, SessionKeeper
 from edgeagent.otlp import ChunkEncoder
 from edgeagent.pipeline import (
     AGENT_SOURCE,
@@ -122,6 +123,7 @@ class Agent:
         self._fleet: Any = None  # edgeagent.fleet.device.FleetDevice when [fleet] is enabled
         self._fleet_task: asyncio.Task[None] | None = None
         self._lock = statedir.RunLock(config.state_dir)
+        self._mqtt = SessionKeeper(lambda: self.spool.backlog() if self.spool is not None else {})
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -187,6 +189,7 @@ class Agent:
                 self._fleet_task.cancel()
                 await asyncio.gather(self._fleet_task, return_exceptions=True)
             committed = await self._stop_components()
+            await self._mqtt.close()
             self._write_status("stopped")
         finally:
             self.spool.close()
@@ -225,6 +228,7 @@ class Agent:
             return spool
 
     def _wake(self, reason: str) -> None:
+        self._mqtt.wake()
         if self._uploader_ctx is not None:
             self._uploader_ctx.wake(reason)
 
@@ -233,6 +237,7 @@ class Agent:
         config = self.config
         encoder = ChunkEncoder(resource_attributes(config), __version__)
         self._sources, self._uploader = components
+        session = self._attach_session(config, self._uploader)
         if self._uploader is not None:
             self._uploader_ctx = UploaderContext(self.spool, config, on_loss=self._ship_loss)
         on_commit = self._uploader_ctx.wake if self._uploader_ctx is not None else None
@@ -244,8 +249,19 @@ class Agent:
         if self._uploader is not None and self._uploader_ctx is not None:
             uploader, ctx = self._uploader, self._uploader_ctx
             self._spawn("uploader", lambda: uploader.run(ctx))
-            self._spawn("network watch", self._watch_network)
             ctx.wake()  # a backlog from the last run goes out at once
+        if self._uploader is not None or session is not None:
+            self._spawn("network watch", self._watch_network)
+
+    def _attach_session(self, config: Config, uploader: Uploader | None) -> MqttSession | None:
+        """The MQTT session for `config` (the running one when its connection settings are
+        unchanged), handed to its clients: the MQTT uploader and fleet config."""
+        session = self._mqtt.ensure(config)
+        if session is not None and hasattr(uploader, "session"):
+            uploader.session = session  # type: ignore[union-attr]
+        if session is not None and self._fleet is not None:
+            self._fleet.attach(session)
+        return session
 
     def _ship_loss(self, record: Record, counters: dict[str, int]) -> None:
         if self._batcher is not None:
@@ -351,7 +367,7 @@ class Agent:
             log.error("state_dir cannot change while running (restart the agent); keeping %s", old.state_dir)
             new = dataclasses.replace(new, state_dir=old.state_dir)
         changed = {f.name for f in dataclasses.fields(Config) if getattr(old, f.name) != getattr(new, f.name)}
-        uploader_changed = bool(changed & set(UPLOADER_SECTIONS))
+        uploader_changed = bool(changed & {*UPLOADER_SECTIONS, "device_id"})  # device_id: topics, MQTT client id
         uploader = build_uploader(new) if uploader_changed else None
         built = {source.name: source for source in build_sources(new)}
         running = {source.name: source for source in self._sources}
@@ -399,6 +415,8 @@ class Agent:
                 log.exception("uploader did not drain cleanly; unacknowledged chunks stay in the spool")
         await self._stop_task("uploader")
         await self._stop_task("network watch")
+        await self._mqtt.retire_if_changed(new)  # after the old uploader drained through it
+        session = self._attach_session(new, uploader)
         self._errors.pop("uploader", None)
         self._uploader, self._uploader_ctx = uploader, None
         self._batcher.on_commit = None
@@ -406,8 +424,9 @@ class Agent:
             ctx = self._uploader_ctx = UploaderContext(self.spool, new, on_loss=self._ship_loss)
             self._batcher.on_commit = ctx.wake
             self._spawn("uploader", lambda: uploader.run(ctx))
-            self._spawn("network watch", self._watch_network)
             ctx.wake()
+        if uploader is not None or session is not None:
+            self._spawn("network watch", self._watch_network)
 
     def health(self) -> str:
         """'' when every source runs and the spool takes writes, else why not (fleet probation)."""
@@ -432,6 +451,8 @@ class Agent:
         if self.spool is None:
             return
         self._snapshot_components()
+        if self._mqtt.session is not None:  # kept after a stop, like the components'
+            self._component_status["mqtt"] = _safe_status(self._mqtt.session)
         status = {
             "agent": {
                 "state": state,

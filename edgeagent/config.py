@@ -188,6 +188,7 @@ class MqttConfig:
     keepalive: float = field(default=60.0, metadata=DURATION)
     connect_timeout: float = field(default=10.0, metadata=DURATION)
     ack_timeout: float = field(default=120.0, metadata=DURATION)  # no PUBACK and nothing written: reconnect
+    first_connect_delay: float = field(default=3.0, metadata=DURATION)  # random wait up to this before the first
     ca_file: str = ""
     cert_file: str = ""
     key_file: str = ""

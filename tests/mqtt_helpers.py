@@ -1,4 +1,4 @@
-"""Test helpers for the MQTT uploader: an uploader running in-process on its
+"""Test helpers for the MQTT session and uploader: both running in-process on their
 own event loop (in a thread, so the test can stop and start brokers
 meanwhile), a real paho subscriber, and an OTLP decoder built on the official
 opentelemetry-proto messages."""
@@ -22,6 +22,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edgeagent.config import Config, loads
+from edgeagent.mqtt import MqttSession
 from edgeagent.otlp import ChunkEncoder
 from edgeagent.pipeline import WAKE_NETWORK, Batcher, UploaderContext
 from edgeagent.records import Batch, Record
@@ -33,7 +34,7 @@ BOOT_ID = "0b00700b-0000-4000-8000-000000000001"
 
 
 class UploaderHarness:
-    """Spool + batcher + MqttUploader on an event loop in a background thread.
+    """Spool + batcher + MqttSession + MqttUploader on an event loop in a background thread.
 
     Everything that touches the spool or the uploader runs on that loop
     (`call`), as in the agent; the test thread only controls brokers and reads.
@@ -45,6 +46,7 @@ class UploaderHarness:
         self.thread = threading.Thread(target=self.loop.run_forever, name="uploader-loop", daemon=True)
         self.thread.start()
         self.task: asyncio.Task[None] | None = None
+        self.session_task: asyncio.Task[None] | None = None
         self.call(self._setup)
 
     def _setup(self) -> None:
@@ -53,7 +55,8 @@ class UploaderHarness:
         self.ctx = UploaderContext(self.spool, config)
         encoder = ChunkEncoder({"device.id": config.device_id, "host.name": "test-host", "os.type": "linux"}, "test")
         self.batcher = Batcher(self.spool, encoder, BOOT_ID, config.spool, on_commit=self.ctx.wake)
-        self.uploader = MqttUploader(config)
+        self.session = MqttSession(config, self.spool.backlog)
+        self.uploader = MqttUploader(config, self.session)
 
     def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(*args)` on the loop thread and return its result."""
@@ -68,8 +71,13 @@ class UploaderHarness:
         self.loop.call_soon_threadsafe(run)
         return done.result(60)
 
+    def run(self, coro: Any, timeout: float = 60) -> Any:
+        """Await `coro` on the loop thread and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
     def start(self) -> None:
         def start_task() -> None:
+            self.session_task = self.loop.create_task(self.session.run())
             self.task = self.loop.create_task(self.uploader.run(self.ctx))
 
         self.call(start_task)
@@ -106,15 +114,28 @@ class UploaderHarness:
 
     def wake(self) -> None:
         """What the network watch does when a link comes up."""
-        self.call(lambda: self.ctx.wake(WAKE_NETWORK))
+
+        def wake() -> None:
+            self.session.wake()
+            self.ctx.wake(WAKE_NETWORK)
+
+        self.call(wake)
 
     def drain(self, timeout: float) -> None:
-        asyncio.run_coroutine_threadsafe(self.uploader.drain(timeout), self.loop).result(timeout + 30)
+        """What the agent does at a stop: the uploader waits for acks, then the session says goodbye."""
+
+        async def stop() -> None:
+            await self.uploader.drain(timeout)
+            await self.session.close()
+
+        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(timeout + 30)
 
     def close(self) -> None:
         if self.task is not None:
             self.drain(2.0)
             self.call(self.task.cancel)
+        if self.session_task is not None:
+            self.call(self.session_task.cancel)
         self.call(self.spool.close)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
@@ -216,20 +237,64 @@ def record_example() -> list[Batch]:
     ]
 
 
-class ScriptedBroker:
-    """A minimal MQTT 5 server whose PUBACK reason codes the test scripts, for
-    answers mosquitto cannot be made to give (quota exceeded, unspecified
-    error) and for a broker that stays alive (answers pings) but never
-    acknowledges. `answer(topic, n)` returns the reason code for the n-th
-    PUBLISH on `topic` (from 0), or None to never acknowledge it."""
+def varint(n: int) -> bytes:
+    """MQTT's variable byte integer (remaining length, property length)."""
+    encoded = bytearray()
+    while True:
+        byte, n = n % 128, n // 128
+        encoded.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(encoded)
 
-    def __init__(self, answer: Callable[[str, int], int | None]) -> None:
+
+def mqtt_packet(first_byte: int, body: bytes) -> bytes:
+    """One MQTT packet: fixed header, remaining length, body."""
+    return bytes([first_byte]) + varint(len(body)) + body
+
+
+def v5_properties(*pairs: tuple[int, bytes]) -> bytes:
+    """MQTT 5 properties (identifier, encoded value), with their length in front."""
+    data = b"".join(bytes([ident]) + value for ident, value in pairs)
+    return varint(len(data)) + data
+
+
+def utf8(text: str) -> bytes:
+    raw = text.encode()
+    return len(raw).to_bytes(2, "big") + raw
+
+
+def connack(reason: int = 0, properties: bytes = b"\x00") -> bytes:
+    return mqtt_packet(0x20, b"\x00" + bytes([reason]) + properties)
+
+
+def read_packet(reader: Any) -> tuple[int, bytes] | None:
+    """(first byte, body) of the next packet from a socket file, None at the end."""
+    header = reader.read(1)
+    if not header:
+        return None
+    length = shift = 0
+    while True:
+        raw = reader.read(1)
+        if not raw:
+            return None
+        length |= (raw[0] & 0x7F) << shift
+        shift += 7
+        if not raw[0] & 0x80:
+            break
+    body = reader.read(length)
+    return (header[0], body) if len(body) == length else None
+
+
+class RawBroker:
+    """A TCP server on 127.0.0.1 that hands every connection to `serve(conn, reader, n)`
+    (n counts connections from 0): a broker that misbehaves as the test scripts."""
+
+    def __init__(self, serve: Callable[[Any, Any, int], None]) -> None:
         import socket
 
-        self.answer = answer
-        self.publishes: list[tuple[str, int | None]] = []  # (topic, reason answered)
+        self.serve = serve
         self.connections = 0
-        self._counts: dict[str, int] = {}
+        self.connects: list[bytes] = []  # the body of each CONNECT received (if `serve` records it)
         self._server = socket.create_server(("127.0.0.1", 0))
         self.port = self._server.getsockname()[1]
         self.url = f"mqtt://127.0.0.1:{self.port}"
@@ -243,46 +308,58 @@ class ScriptedBroker:
             except OSError:
                 return
             with self._lock:
+                n = self.connections
                 self.connections += 1
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+            threading.Thread(target=self._run, args=(conn, n), daemon=True).start()
 
-    def _serve(self, conn: Any) -> None:
-        with conn, contextlib.suppress(OSError):  # the client may vanish at any point
-            reader = conn.makefile("rb")
-            while True:
-                header = reader.read(1)
-                if not header:
-                    return
-                length = shift = 0
-                while True:
-                    raw = reader.read(1)
-                    if not raw:
-                        return
-                    byte = raw[0]
-                    length |= (byte & 0x7F) << shift
-                    shift += 7
-                    if not byte & 0x80:
-                        break
-                body = reader.read(length)
-                kind = header[0] >> 4
-                if kind == 1:  # CONNECT -> CONNACK, success, no properties
-                    conn.sendall(b"\x20\x03\x00\x00\x00")
-                elif kind == 3:  # PUBLISH
-                    qos = (header[0] >> 1) & 3
-                    topic_len = int.from_bytes(body[:2], "big")
-                    topic = body[2 : 2 + topic_len].decode()
-                    with self._lock:
-                        n = self._counts.get(topic, 0)
-                        self._counts[topic] = n + 1
-                        reason = self.answer(topic, n)
-                        self.publishes.append((topic, reason))
-                    if qos and reason is not None:
-                        packet_id = body[2 + topic_len : 4 + topic_len]
-                        conn.sendall(b"\x40\x03" + packet_id + bytes([reason]))
-                elif kind == 12:  # PINGREQ -> PINGRESP
-                    conn.sendall(b"\xd0\x00")
-                elif kind == 14:  # DISCONNECT
-                    return
+    def _run(self, conn: Any, n: int) -> None:
+        with conn, contextlib.suppress(OSError):
+            self.serve(conn, conn.makefile("rb"), n)
 
     def close(self) -> None:
         self._server.close()
+
+
+def rss_kib() -> int:
+    """This process's resident set size, from /proc."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+class ScriptedBroker(RawBroker):
+    """A minimal MQTT 5 server whose PUBACK reason codes the test scripts, for
+    answers mosquitto cannot be made to give (quota exceeded, unspecified
+    error) and for a broker that stays alive (answers pings) but never
+    acknowledges. `answer(topic, n)` returns the reason code for the n-th
+    PUBLISH on `topic` (from 0), or None to never acknowledge it."""
+
+    def __init__(self, answer: Callable[[str, int], int | None]) -> None:
+        self.answer = answer
+        self.publishes: list[tuple[str, int | None]] = []  # (topic, reason answered)
+        self._counts: dict[str, int] = {}
+        super().__init__(self._serve)
+
+    def _serve(self, conn: Any, reader: Any, n: int) -> None:
+        while (packet := read_packet(reader)) is not None:
+            header, body = packet
+            kind = header >> 4
+            if kind == 1:  # CONNECT -> CONNACK, success, no properties
+                conn.sendall(connack())
+            elif kind == 3:  # PUBLISH
+                qos = (header >> 1) & 3
+                topic_len = int.from_bytes(body[:2], "big")
+                topic = body[2 : 2 + topic_len].decode()
+                with self._lock:
+                    count = self._counts.get(topic, 0)
+                    self._counts[topic] = count + 1
+                    reason = self.answer(topic, count)
+                    self.publishes.append((topic, reason))
+                if qos and reason is not None:
+                    packet_id = body[2 + topic_len : 4 + topic_len]
+                    conn.sendall(b"\x40\x03" + packet_id + bytes([reason]))
+            elif kind == 12:  # PINGREQ -> PINGRESP
+                conn.sendall(b"\xd0\x00")
+            elif kind == 14:  # DISCONNECT
+                return

@@ -44,6 +44,7 @@ shutdown_timeout = "2s"
 [mqtt]
 url = "{broker.url}"
 connect_timeout = "3s"
+first_connect_delay = "0s"
 """
 
 
@@ -120,3 +121,75 @@ def test_sigkill_between_publish_and_puback_resends_the_chunk(
         assert numbers == sorted(numbers)
     assert {n for numbers in line_numbers(delivered) for n in numbers} == set(range(500))
     assert agent.stop() == 0
+
+
+def reload_with(agent: Any, config_text: str) -> None:
+    """Rewrite the config file and SIGHUP; wait until the agent says it reloaded."""
+    before = agent.stderr().count("reloading config from")
+    agent.config_path.write_text(config_text.replace("{state_dir}", str(agent.state_dir)))
+    agent.signal(signal.SIGHUP)
+    wait_for(lambda: agent.stderr().count("reloading config from") > before, 30, what="the reload")
+
+
+def online_messages(status: Subscriber) -> int:
+    """Each connection publishes one retained "online" status (the broker's log is buffered)."""
+    return sum(json.loads(m.payload)["state"] == "online" for m in status.received())
+
+
+def test_a_reload_that_leaves_the_connection_alone_keeps_it_up(
+    tmp_path: Path, mosquitto: Broker, make_agent: Any, subscribers: list[Subscriber]
+) -> None:
+    """Issue 10: only what changed is rebuilt. Log level, spool and upload rate
+    change; the MQTT connection stays (one connection at the broker, the same
+    session), and lines keep flowing through it."""
+    logs = Subscriber(mosquitto.port, TOPIC)
+    status = Subscriber(mosquitto.port, STATUS_TOPIC, client_id="status-watcher")
+    subscribers += [logs, status]
+    log_file = tmp_path / "app.log"
+    log_file.write_bytes(b"".join(line_text(n) + b"\n" for n in range(100)))
+    text = agent_config(mosquitto, log_file)
+    agent = make_agent(text)
+    agent.start()
+    wait_for(lambda: {n for ns in line_numbers(logs.received()) for n in ns} == set(range(100)), 30)
+    wait_for(lambda: online_messages(status) == 1, what="the online status")
+    wait_for(lambda: agent.status().get("mqtt", {}).get("connections") == 1, what="status shows the connection")
+
+    changed = text.replace('device_id = "gw-agent"\n', 'device_id = "gw-agent"\nlog_level = "debug"\n')
+    reload_with(agent, changed.replace("[upload]\n", '[upload]\nmax_rate = "1MiB"\n'))
+    with log_file.open("ab") as f:
+        f.write(b"".join(line_text(n) + b"\n" for n in range(100, 200)))
+    wait_for(lambda: {n for ns in line_numbers(logs.received()) for n in ns} == set(range(200)), 30)
+    st = agent.status()
+    assert st["mqtt"]["connections"] == 1 and st["mqtt"]["connected"] and online_messages(status) == 1
+    assert agent.stop() == 0
+
+
+def test_a_reload_with_a_new_broker_moves_the_session(
+    tmp_path: Path, mosquitto: Broker, make_agent: Any, subscribers: list[Subscriber]
+) -> None:
+    status = Subscriber(mosquitto.port, STATUS_TOPIC, client_id="status-watcher")
+    subscribers.append(status)
+    other_dir = tmp_path / "other-broker"
+    other_dir.mkdir()
+    other = Broker(other_dir)
+    other.start()
+    try:
+        logs = Subscriber(other.port, TOPIC)
+        subscribers.append(logs)
+        log_file = tmp_path / "app.log"
+        log_file.write_bytes(b"")
+        agent = make_agent(agent_config(mosquitto, log_file))
+        agent.start()
+        wait_for(lambda: agent.status().get("mqtt", {}).get("connected"), 30, what="connected to the first broker")
+
+        reload_with(agent, agent_config(other, log_file))
+        wait_for(lambda: agent.status()["mqtt"]["broker"] == other.url, 30, what="a session for the new broker")
+        wait_for(lambda: agent.status()["mqtt"]["connected"], 30, what="connected to the new broker")
+        # The old connection said goodbye (not a will, which would come only after the keepalive).
+        wait_for(lambda: any(json.loads(m.payload).get("reason") == "shutdown" for m in status.received()), 30)
+        with log_file.open("ab") as f:
+            f.write(b"".join(line_text(n) + b"\n" for n in range(50)))
+        wait_for(lambda: {n for ns in line_numbers(logs.received()) for n in ns} == set(range(50)), 30)
+        assert agent.stop() == 0
+    finally:
+        other.stop()

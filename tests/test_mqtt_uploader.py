@@ -50,6 +50,7 @@ retry_max = "2s"
 url = "{url}"
 keepalive = "2s"
 connect_timeout = "3s"
+first_connect_delay = "0s"
 {extra_mqtt}
 """
 
@@ -358,15 +359,15 @@ def test_offline_waits_out_its_backoff_despite_new_data_but_wakes_on_request(
     h = UploaderHarness(tmp_path / "state", config_text(f"mqtt://127.0.0.1:{port}"))
     harnesses.append(h)
     # A fixed long delay instead of the jittered one, so the test does not depend on chance.
-    h.uploader.backoff.failed = lambda retry_after=None: 3600.0  # type: ignore[method-assign]
+    h.session.backoff.failed = lambda retry_after=None: 3600.0  # type: ignore[method-assign]
     attempts: list[float] = []
-    connect = h.uploader._connect
+    connect = h.session._connect
 
-    async def counted_connect() -> bool:
+    async def counted_connect() -> float | None:
         attempts.append(time.monotonic())  # on the loop thread, before any await
         return await connect()
 
-    h.uploader._connect = counted_connect  # type: ignore[method-assign]
+    h.session._connect = counted_connect  # type: ignore[method-assign]
     h.start()
     wait_for(lambda: h.status()["last_error"], what="first failed attempt")
     for first in range(0, 3000, 1000):
@@ -380,9 +381,12 @@ def test_offline_waits_out_its_backoff_despite_new_data_but_wakes_on_request(
     assert broker.proc is not None
 
 
-def test_not_authorised_goes_to_dead_letters_and_nothing_else_does(
+def test_not_authorised_keeps_the_data_retries_and_delivers_once_the_acl_is_fixed(
     tmp_path: Path, make_broker: Callable[..., Broker], harnesses: list[UploaderHarness]
 ) -> None:
+    """0x87 means "fix the ACL or the credentials", not "the data is bad" (issue 9):
+    the chunks stay in the spool, are retried with backoff, status says why, and
+    nothing becomes a dead letter. (Before: two dead letters, the lines gone.)"""
     acl = tmp_path / "acl"
     acl.write_text("topic read edgeagent/#\ntopic readwrite edgeagent/+/status\ntopic readwrite allowed/#\n")
     broker = make_broker(f"acl_file {acl}\n")
@@ -390,12 +394,11 @@ def test_not_authorised_goes_to_dead_letters_and_nothing_else_does(
     harnesses.append(denied)
     denied.add_lines(0, 4000, 2000)
     denied.start()
-    wait_for(lambda: len(denied.dead_letters()) == 2, what="two dead letters")
-    assert denied.backlog()["chunks"] == 0
-    letters = denied.dead_letters()
-    assert all("Not authorized (0x87)" in d["reason"] and d["records"] == 2000 for d in letters)
+    wait_for(lambda: denied.status()["failed"] >= 4, what="refusals, retried")
+    assert denied.dead_letters() == [] and denied.backlog()["chunks"] == 2
     st = denied.status()
-    assert st["dead_letters"] == 2 and st["acked"] == 0 and "0x87" in st["last_error"]
+    assert st["dead_letters"] == 0 and st["acked"] == 0 and "0x87" in st["last_error"]
+    assert "Not authorized (0x87)" in st["credentials_problem"] and "ACL" in st["credentials_problem"]
 
     allowed = UploaderHarness(tmp_path / "allowed", config_text(broker.url, 'topic = "allowed/{device_id}"'))
     harnesses.append(allowed)
@@ -403,6 +406,20 @@ def test_not_authorised_goes_to_dead_letters_and_nothing_else_does(
     allowed.start()
     wait_for(lambda: allowed.backlog()["chunks"] == 0)
     assert allowed.dead_letters() == [] and allowed.status()["acked"] == 2
+
+    # The operator fixes the ACL (mosquitto re-reads it on SIGHUP): the kept chunks go out.
+    logs = Subscriber(broker.port, TOPIC)
+    try:
+        acl.write_text("topic readwrite edgeagent/#\ntopic readwrite allowed/#\n")
+        assert broker.proc is not None
+        broker.proc.send_signal(signal.SIGHUP)
+        denied.wake()
+        wait_for(lambda: denied.backlog()["chunks"] == 0, 60, what="delivered after the ACL fix")
+        wait_for(lambda: all_lines_arrived(logs, 4000), what="every line")
+    finally:
+        logs.close()
+    st = denied.status()
+    assert st["acked"] == 2 and st["dead_letters"] == 0 and st["credentials_problem"] is None
 
 
 def test_mqtt_311_cannot_see_a_refusal(
@@ -528,7 +545,7 @@ def test_an_exception_in_a_callback_rebuilds_the_connection(
     harnesses.append(h)
     h.start()
     wait_for(lambda: h.status()["connected"])
-    h.call(setattr, h.uploader, "_outcomes", ExplodingOnce())
+    h.call(setattr, h.session, "_outcomes", ExplodingOnce())
     h.add_lines(0, 1000, 1000)
     wait_for(lambda: h.backlog()["chunks"] == 0, what="delivered after the rebuilt connection")
     assert ExplodingOnce.exploded and h.status()["connections"] >= 2

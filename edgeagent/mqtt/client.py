@@ -1,0 +1,262 @@
+"""One paho client per connection, built from `[mqtt]`, and what a broker may not do to it.
+
+Owns: the broker address (host, port, TLS from the URL, IPv6 literals too),
+the CONNECT packet (client id, protocol, keepalive, credentials read from
+their files at every attempt, the retained last will, and with MQTT 5 the
+Maximum Packet Size and Receive Maximum the agent declares), the TLS context
+(verification always on), and the reconnect policy by CONNACK/DISCONNECT
+reason code.
+
+Guarantee: a packet the broker sends is never buffered beyond
+`MAX_INCOMING_PACKET`. paho reads a packet whole (`recv(remaining length)` and
+then a growing buffer) and does not check the Maximum Packet Size it declared
+for us, so a hostile broker announcing a 250 MiB PUBLISH would make it
+allocate all of it. `BoundedClient` refuses the packet as soon as its length
+is known: the read fails, paho ends the connection, the session reconnects.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import ssl
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from paho.mqtt.client import Client
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edgeagent.config import Config
+
+log = logging.getLogger("edgeagent.mqtt")
+
+# What the agent declares in CONNECT (MQTT 5). Incoming messages are fleet configs (capped at
+# 64 KiB by the fleet module) and the broker's own packets; nothing legitimate comes near this.
+MAX_INCOMING_PACKET = 256 * 1024
+# QoS 1/2 PUBLISHes the broker may have unacknowledged towards us at once.
+RECEIVE_MAXIMUM = 8
+# The smallest Maximum Packet Size taken from a broker (see `sane_max_packet_size`).
+MIN_BROKER_PACKET = 4096
+# paho asks the socket for this much at most per read (it would ask for the whole packet).
+_READ_SIZE = 64 * 1024
+
+# Reason codes (MQTT 5.0, 3.2.2.2 CONNACK and 3.14.2.1 DISCONNECT) that ask for a longer wait.
+RC_SERVER_BUSY = 0x89
+RC_QUOTA_EXCEEDED = 0x97
+RC_USE_ANOTHER_SERVER = 0x9C
+RC_SERVER_MOVED = 0x9D
+RC_CONNECTION_RATE_EXCEEDED = 0x9F
+SLOW_DOWN_CODES = {
+    RC_SERVER_BUSY: "server busy",
+    RC_QUOTA_EXCEEDED: "quota exceeded",
+    RC_USE_ANOTHER_SERVER: "use another server",
+    RC_SERVER_MOVED: "server moved",
+    RC_CONNECTION_RATE_EXCEEDED: "connection rate exceeded",
+}
+# After one of those, the next attempt waits at least this long (jittered between half and all
+# of it), never more than `[upload].retry_max`: OpAMP recommends 30 s as the minimum retry
+# interval for an overloaded server; a cluster shedding load needs the fleet to spread out.
+SLOW_DOWN_WAIT = 60.0
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str
+    port: int
+    tls: bool
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def broker_address(url: str) -> BrokerAddress:
+    """`mqtt://HOST[:PORT]` / `mqtts://...`; HOST may be an IPv6 literal in brackets."""
+    parts = urlsplit(url)
+    tls = parts.scheme == "mqtts"
+    return BrokerAddress(parts.hostname or "127.0.0.1", parts.port or (8883 if tls else 1883), tls)
+
+
+def broker_url_for_display(url: str) -> str:
+    """The broker URL without any user info (never show a password)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}"
+
+
+def connection_key(config: Config) -> tuple[Any, ...]:
+    """Everything that goes into a connection (address, TLS, credentials, CONNECT, will).
+    Two configs with the same key can share one live connection."""
+    m = config.mqtt
+    return (
+        config.device_id,
+        m.url,
+        m.client_id,
+        m.username,
+        m.password,
+        m.password_file,
+        m.protocol,
+        m.keepalive,
+        m.status_topic,
+        m.ca_file,
+        m.cert_file,
+        m.key_file,
+        m.tls_insecure,
+    )
+
+
+class PacketTooLarge(ConnectionAbortedError):
+    """The broker sent a packet larger than the Maximum Packet Size we declared."""
+
+
+class BoundedClient(Client):
+    """paho's client, reading at most `_READ_SIZE` per call and refusing any
+    incoming packet over `max_incoming` (see the module docstring)."""
+
+    max_incoming = MAX_INCOMING_PACKET
+    oversized = 0  # the length of the last packet refused
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        packet = self._in_packet
+        if packet["have_remaining"] and packet["remaining_length"] > self.max_incoming:
+            self.oversized = packet["remaining_length"]
+            # paho turns an OSError from a read into "connection lost" and closes the socket.
+            raise PacketTooLarge(f"the broker sent a {self.oversized}-byte packet (limit {self.max_incoming})")
+        return super()._sock_recv(min(bufsize, _READ_SIZE))
+
+
+def new_client(config: Config, max_queued: int) -> BoundedClient:
+    """A fresh paho client for one connection. Raises ValueError naming the
+    config key when a credential or TLS file cannot be used."""
+    m = config.mqtt
+    v5 = m.protocol == "5"
+    client = BoundedClient(
+        CallbackAPIVersion.VERSION2,
+        client_id=m.client_id or config.device_id,
+        clean_session=None if v5 else True,
+        protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
+        reconnect_on_failure=False,
+    )
+    client.connect_timeout = m.connect_timeout
+    # The session's clients keep their own windows; this is paho's guard against a runaway queue.
+    client.max_inflight_messages_set(max_queued)
+    client.max_queued_messages_set(max_queued)
+    if m.username:
+        client.username_pw_set(m.username, _password(config))
+    if broker_address(m.url).tls:
+        client.tls_set_context(_tls_context(config))
+        if m.tls_insecure:
+            client.tls_insecure_set(True)
+    offline = json.dumps({"state": "offline", "device_id": config.device_id})
+    client.will_set(status_topic(config), offline, qos=1, retain=True)
+    return client
+
+
+def connect_properties(config: Config) -> Properties | None:
+    """MQTT 5 CONNECT properties: the limits the broker must respect towards us."""
+    if config.mqtt.protocol != "5":
+        return None
+    properties = Properties(PacketTypes.CONNECT)
+    properties.MaximumPacketSize = MAX_INCOMING_PACKET
+    properties.ReceiveMaximum = RECEIVE_MAXIMUM
+    return properties
+
+
+def sane_max_packet_size(announced: int | None) -> int | None:
+    """The broker's Maximum Packet Size as the agent uses it. A broker that announces
+    less than `MIN_BROKER_PACKET` is taken to mean that much: below it nothing useful
+    fits, and chunks would be split down to single records and dead-lettered on one
+    broken (or hostile) CONNACK."""
+    if announced is None:
+        return None
+    if announced < MIN_BROKER_PACKET:
+        log.warning(
+            "mqtt: the broker announces a maximum packet size of %d bytes; using %d", announced, MIN_BROKER_PACKET
+        )
+        return MIN_BROKER_PACKET
+    return announced
+
+
+def status_topic(config: Config) -> str:
+    return config.mqtt.status_topic.replace("{device_id}", config.device_id)
+
+
+def _password(config: Config) -> str | None:
+    m = config.mqtt
+    if m.password_file:
+        try:
+            with open(m.password_file, encoding="utf-8") as f:
+                return f.read().rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"mqtt.password_file = {m.password_file!r}: cannot read: {e}") from None
+    return m.password or None
+
+
+def _tls_context(config: Config) -> ssl.SSLContext:
+    """Verification on: the broker's chain against `ca_file` (or the system
+    store), and its name unless `tls_insecure`."""
+    m = config.mqtt
+    try:
+        context = ssl.create_default_context(cafile=m.ca_file or None)
+    except (OSError, ssl.SSLError) as e:
+        raise ValueError(f"mqtt.ca_file = {m.ca_file!r}: cannot load: {e}") from None
+    if m.cert_file or m.key_file:
+        try:
+            context.load_cert_chain(m.cert_file, m.key_file or None)
+        except (OSError, ssl.SSLError) as e:
+            raise ValueError(
+                f"mqtt.cert_file = {m.cert_file!r} / mqtt.key_file = {m.key_file!r}: "
+                f"cannot load the client certificate: {e}"
+            ) from None
+    if m.tls_insecure:
+        context.check_hostname = False
+    return context
+
+
+def slow_down_wait(code: int, retry_max: float) -> float | None:
+    """The minimum wait before the next attempt after a CONNACK or DISCONNECT
+    with `code`, or None when the normal backoff applies."""
+    if code not in SLOW_DOWN_CODES:
+        return None
+    floor = min(SLOW_DOWN_WAIT, retry_max)
+    return random.uniform(floor / 2, floor)
+
+
+def properties_dict(properties: Properties | None) -> dict[str, Any]:
+    """paho Properties as a plain dict (names as in paho: `ContentType`,
+    `UserProperty` as a list of pairs, ...); empty for MQTT 3.1.1."""
+    if properties is None:
+        return {}
+    try:
+        return dict(properties.json())
+    except Exception:  # a property paho parsed but cannot render: not worth a connection
+        return {}
+
+
+def publish_properties(values: dict[str, Any] | None) -> Properties | None:
+    """A dict in the shape `properties_dict` returns, as PUBLISH properties."""
+    if not values:
+        return None
+    properties = Properties(PacketTypes.PUBLISH)
+    for name, value in values.items():
+        if name == "UserProperty":
+            for pair in value:
+                properties.UserProperty = tuple(pair)
+        else:
+            setattr(properties, name, value)
+    return properties
+
+
+def publish_size(topic: str, payload: bytes, properties: Properties | None) -> int:
+    """Bytes of a QoS 1 PUBLISH on the wire, at most: fixed header (1) + longest
+    remaining length (4) + topic length (2) + packet id (2) + properties (with
+    their length; one byte when empty) + payload."""
+    size = 9 + len(topic.encode()) + len(payload)
+    return size + (len(properties.pack()) if properties is not None else 1)
