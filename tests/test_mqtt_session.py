@@ -7,7 +7,6 @@ broker for what mosquitto will not do (busy, moved, hostile)."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -351,8 +350,7 @@ def test_connects_to_an_ipv6_literal(tmp_path: Path) -> None:
     except RuntimeError as e:  # no IPv6 on loopback in this environment
         pytest.skip(f"mosquitto cannot listen on ::1: {e}")
     url = f"mqtt://[::1]:{broker.port}"
-    base = loads(config_text("mqtt://127.0.0.1:1").replace("{state_dir}", str(tmp_path / "state")))
-    config = dataclasses.replace(base, mqtt=dataclasses.replace(base.mqtt, url=url))
+    config = loads(config_text(url).replace("{state_dir}", str(tmp_path / "state")))
     assert broker_url_for_display(url) == url
 
     async def publish_once() -> Any:
