@@ -398,7 +398,7 @@ def test_not_authorised_keeps_the_data_retries_and_delivers_once_the_acl_is_fixe
     assert denied.dead_letters() == [] and denied.backlog()["chunks"] == 2
     st = denied.status()
     assert st["dead_letters"] == 0 and st["acked"] == 0 and "0x87" in st["last_error"]
-    assert "Not authorized (0x87)" in st["credentials_problem"] and "ACL" in st["credentials_problem"]
+    assert "Not authorized (0x87)" in st["credentials_error"] and "ACL" in st["credentials_error"]
 
     allowed = UploaderHarness(tmp_path / "allowed", config_text(broker.url, 'topic = "allowed/{device_id}"'))
     harnesses.append(allowed)
@@ -419,7 +419,7 @@ def test_not_authorised_keeps_the_data_retries_and_delivers_once_the_acl_is_fixe
     finally:
         logs.close()
     st = denied.status()
-    assert st["acked"] == 2 and st["dead_letters"] == 0 and st["credentials_problem"] is None
+    assert st["acked"] == 2 and st["dead_letters"] == 0 and st["credentials_error"] is None
 
 
 def test_mqtt_311_cannot_see_a_refusal(

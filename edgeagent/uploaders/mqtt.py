@@ -104,7 +104,6 @@ class MqttUploader:
         self._status_backlog = 0  # backlog chunks in the last retained status published
         self.last_error = ""
         self.last_error_at = 0.0
-        self.credentials_problem = ""  # the last 0x87, until a chunk is acknowledged again
         self.counters = _Counters()
 
     # --- the uploader protocol ----------------------------------------------------
@@ -155,7 +154,7 @@ class MqttUploader:
             "since": s.get("since"),
             "last_error": last_error or None,
             "last_error_at": last_error_at or None,
-            "credentials_problem": self.credentials_problem or None,
+            **(self._ctx.credentials_status() if self._ctx is not None else {}),
             "sent": c.sent,
             "acked": c.acked,
             "acked_records": c.acked_records,
@@ -270,7 +269,7 @@ class MqttUploader:
             self.counters.acked += len(acked)
             self.counters.acked_records += sum(entry.chunk.records for entry in acked)
             self.backoff.succeeded()
-            self.credentials_problem = ""
+            self._ctx.credentials_accepted()
             if self._probing:
                 self._probing = False
                 self._window = max(1, min(self.upload.window, self.session.receive_maximum or 65535))
@@ -305,10 +304,10 @@ class MqttUploader:
             self._paused_until = time.monotonic() + delay
             self._cursor = min(self._cursor, entry.chunk.id - 1)
             if code == RC_NOT_AUTHORIZED:
-                self.credentials_problem = (
-                    f"broker answered {result.reason} on topic {self.topic!r}: fix the broker's ACL or the credentials"
-                )
-                self._set_error(f"{self.credentials_problem}; the chunks are kept and retried")
+                assert self._ctx is not None
+                problem = f"broker answered {result.reason} on topic {self.topic!r}: fix its ACL or the credentials"
+                self._ctx.credentials_refused(problem)
+                self.last_error, self.last_error_at = problem, time.time()  # logged once by credentials_refused
             else:
                 self._set_error(f"{what}; retrying in {delay:.1f}s")
 
