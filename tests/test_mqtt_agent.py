@@ -193,3 +193,19 @@ def test_a_reload_with_a_new_broker_moves_the_session(
         assert agent.stop() == 0
     finally:
         other.stop()
+
+
+def test_the_session_runs_for_fleet_config_when_logs_go_over_otlp(
+    mosquitto: Broker, make_agent: Any, subscribers: list[Subscriber]
+) -> None:
+    """Issue 10: the session exists whenever something needs it, not only for MQTT logs."""
+    status = Subscriber(mosquitto.port, STATUS_TOPIC, client_id="status-watcher")
+    subscribers.append(status)
+    text = agent_config(mosquitto).replace('to = "mqtt"', 'to = "otlp_http"')
+    agent = make_agent(text + '[otlp_http]\nendpoint = "http://127.0.0.1:9/v1/logs"\n[fleet]\nenabled = true\n')
+    agent.start()
+    wait_for(lambda: online_messages(status) == 1, 30, what="the session's online status")
+    wait_for(lambda: agent.status().get("mqtt", {}).get("connected"), 30, what="the session in status")
+    assert agent.status()["uploader"]["protocol"] != "mqtt"
+    assert agent.stop() == 0
+    wait_for(lambda: json.loads(status.received()[-1].payload).get("reason") == "shutdown", what="the goodbye")

@@ -374,3 +374,5 @@ def test_who_needs_a_session() -> None:
     assert session_needed(loads('[upload]\nto = "mqtt"\n'))
     assert not session_needed(loads('[upload]\nto = "otlp_http"\n'))
     assert not session_needed(loads('[upload]\nto = "none"\n'))
+    assert session_needed(loads('[upload]\nto = "otlp_http"\n[fleet]\nenabled = true\n'))
+    assert session_needed(loads('[upload]\nto = "none"\n[fleet]\nenabled = true\n'))

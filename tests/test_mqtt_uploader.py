@@ -358,8 +358,10 @@ def test_offline_waits_out_its_backoff_despite_new_data_but_wakes_on_request(
     port = free_port()
     h = UploaderHarness(tmp_path / "state", config_text(f"mqtt://127.0.0.1:{port}"))
     harnesses.append(h)
-    # A fixed long delay instead of the jittered one, so the test does not depend on chance.
-    h.session.backoff.failed = lambda retry_after=None: 3600.0  # type: ignore[method-assign]
+    # A fixed long delay instead of the jittered one, so the test does not depend on chance;
+    # after the wake a short one, so an attempt that times out on a loaded machine is retried.
+    woken = threading.Event()
+    h.session.backoff.failed = lambda retry_after=None: 0.2 if woken.is_set() else 3600.0  # type: ignore[method-assign]
     attempts: list[float] = []
     connect = h.session._connect
 
@@ -376,6 +378,7 @@ def test_offline_waits_out_its_backoff_despite_new_data_but_wakes_on_request(
         h.call(lambda: None)  # let the loop run the wake-ups through to wherever they lead
     assert len(attempts) == 1 and not h.status()["connected"]  # new data alone: no new attempt
     broker = make_broker(f"listener {port} 127.0.0.1\n")  # the configured port now answers
+    woken.set()
     h.wake()  # network up / SIGUSR1
     wait_for(lambda: h.backlog()["chunks"] == 0, what="drained right after the wake")
     assert broker.proc is not None

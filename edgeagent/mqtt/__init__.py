@@ -31,8 +31,7 @@ _RESTART_MIN, _RESTART_MAX = 1.0, 60.0
 
 def session_needed(config: Config) -> bool:
     """The one place that says who needs a session: logs over MQTT, or fleet config."""
-    fleet = getattr(config, "fleet", None)
-    return config.upload.to == "mqtt" or bool(getattr(fleet, "enabled", False))
+    return config.upload.to == "mqtt" or config.fleet.enabled
 
 
 class SessionKeeper:

@@ -293,7 +293,6 @@ class MqttSession:
         """Wait `delay` before the next attempt, or less when the network came up or
         someone asked (`wake()`)."""
         log.debug("mqtt: next connection attempt in %.1fs", delay)
-        self._woken = False
         deadline = time.monotonic() + delay
         while (remaining := deadline - time.monotonic()) > 0 and not self._closing and not self._woken:
             await self._wait(remaining)
@@ -301,6 +300,7 @@ class MqttSession:
 
     async def _connect(self) -> float | None:
         """One connection attempt. Returns the minimum wait the broker asked for, if any."""
+        self._woken = False  # this attempt answers the wakes so far; later ones cut the next wait
         try:
             client = mqttc.new_client(self.config, max_queued=self.config.upload.window + 8)
         except ValueError as e:
@@ -363,7 +363,7 @@ class MqttSession:
         self._connected.clear()
         link.close()
         self.since = time.time()
-        if time.monotonic() - link.connected_at >= self.config.mqtt.keepalive:
+        if link.up and time.monotonic() - link.connected_at >= self.config.mqtt.keepalive:
             # It was up for a while: start the retry schedule afresh (full jitter from retry_initial).
             self.backoff.succeeded()
         self._last_slow_down = link.slow_down
