@@ -65,7 +65,7 @@ def read_state(sys_class_net: Path = Path("/sys/class/net"), proc_net: Path = Pa
 
 
 def _up_interfaces(sys_class_net: Path) -> list[str]:
-    up = []
+    up: list[str] = []
     try:
         names = os.listdir(sys_class_net)
     except OSError:
@@ -137,7 +137,7 @@ class NetworkWatch:
         loop = asyncio.get_running_loop()
         self._on_up = on_up
         self._state = read_state(self.sys_class_net, self.proc_net)
-        opened: list[tuple[int, Callable[[], None]]] = []
+        opened: list[tuple[int, Callable[[], bool]]] = []
         try:
             for fd, drain, name in self._open_sources():
                 loop.add_reader(fd, self._on_readable, drain)
@@ -159,7 +159,7 @@ class NetworkWatch:
             self._closers = []
             self.sources = []
 
-    def _open_sources(self) -> list[tuple[int, Callable[[], None], str]]:
+    def _open_sources(self) -> list[tuple[int, Callable[[], bool], str]]:
         self._closers = []
         sources = []
         rtnl = self._open_netlink(socket.NETLINK_ROUTE, RTMGRP_LINK | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE)

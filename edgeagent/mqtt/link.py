@@ -112,13 +112,12 @@ class Link:
         """Connect and wait for the CONNACK; raises ConnectFailed."""
         address = mqttc.broker_address(config.mqtt.url)
         client = self.client
-        client.connect_async(
-            address.host,
-            address.port,
-            max(1, round(config.mqtt.keepalive)),
-            properties=mqttc.connect_properties(config),
-            **({"clean_start": True} if config.mqtt.protocol == "5" else {}),
-        )
+        keepalive = max(1, round(config.mqtt.keepalive))
+        if config.mqtt.protocol == "5":
+            properties = mqttc.connect_properties(config)
+            client.connect_async(address.host, address.port, keepalive, clean_start=True, properties=properties)
+        else:
+            client.connect_async(address.host, address.port, keepalive)
         # reconnect() resolves, connects, does the TLS handshake and queues CONNECT: blocking,
         # so it runs in a thread. No loop callback touches this client until the thread is done.
         attempt = asyncio.ensure_future(asyncio.to_thread(client.reconnect))

@@ -249,7 +249,7 @@ class MqttUploader:
     def _settle(self) -> None:
         """Act on the PUBACKs (and lost connections) the session reported."""
         done = [entry for entry in self._inflight if entry.result.done()]
-        if not done or self._ctx is None:
+        if not done or self._ctx is None or self.session is None:
             return
         self._inflight = [entry for entry in self._inflight if not entry.result.done()]
         acked: list[_InFlight] = []
