@@ -330,8 +330,8 @@ def _split_batch(batch: Batch, max_records: int, max_bytes: int) -> list[Batch]:
     parts: list[Batch] = []
     start = size = 0
     records = batch.records
-    for i, record in enumerate(records):
-        n = _body_len(record)
+    for i in range(len(records)):
+        n = _body_len(records[i])
         if i > start and (i - start >= max_records or size + n > max_bytes):
             parts.append(
                 Batch(

@@ -46,13 +46,13 @@ def _v1(db: sqlite_utils.Database) -> None:
             payload BLOB NOT NULL
         )"""
     )
-    db["positions"].create({"key": str, "value": str, "updated_ns": int}, pk="key", not_null={"value"})
-    db["boots"].create(
+    db.table("positions").create({"key": str, "value": str, "updated_ns": int}, pk="key", not_null={"value"})
+    db.table("boots").create(
         {"boot_id": str, "clock_offset_ns": int, "synced": int, "first_seen_ns": int, "updated_ns": int},
         pk="boot_id",
     )
-    db["counters"].create({"name": str, "value": int}, pk="name", not_null={"value"})
-    db["status"].create({"key": str, "value": str, "updated_ns": int}, pk="key")
+    db.table("counters").create({"name": str, "value": int}, pk="name", not_null={"value"})
+    db.table("status").create({"key": str, "value": str, "updated_ns": int}, pk="key")
 
 
 MIGRATIONS = {0: _v1}

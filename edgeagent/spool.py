@@ -687,7 +687,7 @@ class Spool:
                         zlib.crc32(payload),
                     ),
                 )
-                new_ids.append(c.lastrowid)
+                new_ids.append(int(c.lastrowid or 0))
             _bump(c, {"split_extra_chunks": len(payloads) - 1})  # keeps the chunk count a salvage expects
         # New rows sort after newer chunks; upload order is by id, so the parts
         # go out after what was queued behind the original. Receivers order by time.
