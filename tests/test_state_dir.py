@@ -18,6 +18,8 @@ import pytest
 from conftest import REPO, spool_records, wait_for
 from disk import fill, tmpfs
 
+from edgeagent.spool import Spool
+
 QUIET = '[kmsg]\nenabled = false\n[upload]\nto = "none"\n'
 
 
@@ -116,6 +118,16 @@ def append_lines(path: Path, start: int, count: int, width: int = 100) -> None:
             f.write("".join(f"{n} {pad}\n" for n in range(base, min(base + 10_000, start + count))))
 
 
+def spooled_records(state_dir: Path) -> int:
+    spool = Spool.open_readonly(state_dir / "spool.db")
+    if spool is None:
+        return 0
+    try:
+        return spool.counters().get("spooled_records", 0)
+    finally:
+        spool.close()
+
+
 def line_numbers(state_dir: Path) -> list[int]:
     return [int(r["body"].split()[0]) for r in spool_records(state_dir) if r["scope"] == "edgeagent/files"]
 
@@ -162,7 +174,7 @@ def test_a_full_disk_pauses_sources_and_a_stop_during_the_stall_is_not_clean(tmp
         assert "not committed" in agent.stderr()
         (disk / "filler").unlink()
         agent.start()
-        wait_for(lambda: len(line_numbers(agent.state_dir)) >= total, 120, interval=1, what="every line spooled")
+        wait_for(lambda: spooled_records(agent.state_dir) >= total, 120, interval=0.5, what="every line spooled")
         assert agent.stop() == 0
         numbers = line_numbers(agent.state_dir)
         assert len(numbers) == total and sorted(numbers) == list(range(total)), "every line exactly once"
