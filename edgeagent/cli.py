@@ -136,9 +136,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def _read_status(cfg: Any) -> dict[str, Any]:
+    import sqlite3
+
     from edgeagent.spool import Spool
 
-    spool = Spool.open_readonly(cfg.spool_path)
     out: dict[str, Any] = {
         "state_dir": str(cfg.state_dir),
         "spool": str(cfg.spool_path),
@@ -150,6 +151,10 @@ def _read_status(cfg: Any) -> dict[str, Any]:
         "dead_letters": 0,
         "files": {},
     }
+    try:  # a full or failing disk can make even reading fail: the run lock still tells
+        spool = Spool.open_readonly(cfg.spool_path)
+    except sqlite3.Error as e:
+        spool, out["spool_error"] = None, f"cannot read the spool: {e}"
     if spool is None:
         _overlay_run_lock(cfg, out)
         return out
@@ -161,6 +166,8 @@ def _read_status(cfg: Any) -> dict[str, Any]:
         out["counters"] = spool.counters()
         out["dead_letters"] = spool.dead_letter_count()
         out["files"] = spool.file_sizes()
+    except sqlite3.Error as e:
+        out["spool_error"] = f"cannot read the spool: {e}"
     finally:
         spool.close()
     agent = out.get("agent", {})
@@ -183,8 +190,18 @@ def _overlay_run_lock(cfg: Any, out: dict[str, Any]) -> None:
         from edgeagent import __version__
 
         out["agent"] = agent = {"state": "starting", "pid": pid, "version": __version__}
+        if not note and _disk_full(cfg.state_dir):  # so full that not even the note could be written
+            note = f"spool unavailable: no space left on the file system of {cfg.state_dir}"
     if note:
         agent["state"] = note
+
+
+def _disk_full(path: Any) -> bool:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 64 * 1024
 
 
 def _alive(pid: Any) -> bool:

@@ -178,3 +178,29 @@ def test_a_full_disk_pauses_sources_and_a_stop_during_the_stall_is_not_clean(tmp
         assert agent.stop() == 0
         numbers = line_numbers(agent.state_dir)
         assert len(numbers) == total and sorted(numbers) == list(range(total)), "every line exactly once"
+
+
+def test_status_and_wake_while_the_spool_is_unavailable_at_start_up(tmp_path: Path, make_agent: Any) -> None:
+    """Issue 9, degraded storage 1: a disk full at start-up is waited out (the
+    agent keeps running and retrying), `status` says so, `wake` still finds it."""
+    with tmpfs(tmp_path / "disk", "2m") as disk:
+        agent = make_agent(f'state_dir = "{disk / "state"}"\n' + QUIET)
+        agent.state_dir = disk / "state"
+        Spool.open(agent.state_dir / "spool.db").close()
+        (agent.state_dir / "spool.db.reserve").unlink(missing_ok=True)
+        before = (agent.state_dir / "spool.db").read_bytes()
+        filler = fill(disk)
+        agent.start(wait_ready=False)
+        state = wait_for(
+            lambda: "spool unavailable" in (s := str(agent.status().get("agent", {}).get("state", ""))) and s,
+            30,
+            0.5,
+            what="status saying the spool is unavailable",
+        )
+        assert "space" in state or "disk" in state or "I/O" in state
+        assert edgeagent("wake", "-c", str(agent.config_path)).returncode == 0
+        assert (agent.state_dir / "spool.db").read_bytes() == before, "an unavailable spool is left as it was"
+        assert not list(agent.state_dir.glob("spool.db.*-*")), "nothing quarantined"
+        filler.unlink()
+        wait_for(agent.ready, 30, 0.5, what="the agent running once space is back")
+        assert agent.stop() == 0
