@@ -1,0 +1,396 @@
+"""The guest side of the QEMU scenarios (stdlib only, runs on the device's python3).
+
+Started at boot by edgetest.service with the scenario named on the kernel
+command line (`edgetest=NAME`). It drives the device (kernel log lines, a log
+file, reboots, link and clock changes), watches what the agent committed by
+reading the spool's `positions`, `chunks` and `status` tables, prints `EDGE:`
+lines on the serial console for the host, and at the end writes its results
+as a tar straight onto the results disk (/dev/vdc), then powers off.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+SPOOL = Path("/var/lib/edgeagent/spool.db")
+PERSIST = Path("/var/lib/edgetest")
+OUT = Path("/run/edgetest/out")
+LOGDIR = Path("/var/log/edgetest")
+NIC = "enp0s3"
+RESULTS_DISK = "/dev/vdc"
+
+
+def say(text: str) -> None:
+    print(f"EDGE: {text}", flush=True)
+
+
+def boot_id() -> str:
+    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+
+def boot_number() -> int:
+    return int((PERSIST / "boots").read_text())
+
+
+def query(sql: str) -> list[tuple]:
+    """One short read of the agent's spool (WAL: never blocks the agent)."""
+    if not SPOOL.exists():
+        return []
+    conn = sqlite3.connect(f"file:{SPOOL}?mode=ro", uri=True, timeout=5)
+    try:
+        return conn.execute(sql).fetchall()
+    except sqlite3.OperationalError:
+        return []  # tables not created yet
+    finally:
+        conn.close()
+
+
+def status(key: str) -> dict:
+    rows = query(f"SELECT value FROM status WHERE key = '{key}'")
+    return json.loads(rows[0][0]) if rows else {}
+
+
+def main_pid() -> int:
+    out = subprocess.run(["systemctl", "show", "-p", "MainPID", "--value", "edgeagent"], capture_output=True, text=True)
+    return int(out.stdout.strip() or 0)
+
+
+def wait(predicate, timeout: float, what: str, interval: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            fail(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def fail(reason: str) -> None:
+    say(f"FAIL {reason}")
+    finish(ok=False)
+
+
+def agent_ready() -> bool:
+    agent = status("agent")
+    pid = main_pid()
+    return (
+        bool(pid) and agent.get("pid") == pid and agent.get("state") == "running" and agent.get("boot_id") == boot_id()
+    )
+
+
+def uploader_connected() -> bool:
+    return bool(status("uploader").get("connected"))
+
+
+def chunk_count() -> int:
+    rows = query("SELECT count(*) FROM chunks")
+    return rows[0][0] if rows else -1
+
+
+def committed_kmsg() -> int:
+    """The next kernel sequence the spool holds a position for, in this boot (-1: none)."""
+    for (value,) in query("SELECT value FROM positions WHERE key = 'kmsg'"):
+        boot, _, seq = value.rpartition(":")
+        if boot == boot_id():
+            return int(seq)
+    return -1
+
+
+def committed_offset(path: Path) -> int:
+    for (value,) in query("SELECT value FROM positions WHERE key LIKE 'file:%'"):
+        pos = json.loads(value)
+        if pos.get("path") == str(path):
+            return int(pos.get("offset", 0))
+    return -1
+
+
+def kmsg_write(level: int, text: str) -> None:
+    fd = os.open("/dev/kmsg", os.O_WRONLY)
+    try:
+        os.write(fd, f"<{level}>{text}\n".encode())
+    finally:
+        os.close(fd)
+
+
+def ring() -> list[dict]:
+    """Every record now in the kernel ring, as the kernel numbers them."""
+    records = []
+    fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        while True:
+            try:
+                raw = os.read(fd, 8192)
+            except BlockingIOError:
+                break
+            except BrokenPipeError:
+                continue  # overwritten while reading: the next read resumes at the oldest
+            header, _, text = raw.decode("utf-8", "replace").partition(";")
+            fields = header.split(",")
+            prio = int(fields[0])
+            records.append({"seq": int(fields[1]), "level": prio & 7, "facility": prio >> 3, "text": text})
+    finally:
+        os.close(fd)
+    return records
+
+
+def last_seq() -> int:
+    return ring()[-1]["seq"]
+
+
+def append_line(path: Path, text: str) -> None:
+    with open(path, "a") as f:
+        f.write(text + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_lines(tag: str, count: int, levels: tuple[int, ...] = (6,)) -> None:
+    """`count` kernel-log lines and `count` file lines named after `tag`."""
+    for i in range(count):
+        level = levels[i % len(levels)]
+        kmsg_write(level, f"edgetest {tag} k{i} level{level}")
+        append_line(LOGDIR / "demo.log", f"edgetest {tag} f{i}")
+
+
+def wait_committed(timeout: float = 120) -> None:
+    """Until the spool holds positions past everything written so far."""
+    target = last_seq() + 1
+    size = (LOGDIR / "demo.log").stat().st_size if (LOGDIR / "demo.log").exists() else 0
+    wait(
+        lambda: committed_kmsg() >= target and (size == 0 or committed_offset(LOGDIR / "demo.log") >= size),
+        timeout,
+        f"the spool to commit kmsg up to {target} and demo.log up to {size}",
+    )
+
+
+def wait_drained(timeout: float = 180) -> None:
+    wait(lambda: chunk_count() == 0, timeout, "the backlog to drain (every chunk acknowledged)")
+
+
+def save_ring(name: str) -> None:
+    """Kept on the root filesystem: survives the reboots of a scenario."""
+    (PERSIST / f"ring-{name}.json").write_text(json.dumps({"boot_id": boot_id(), "records": ring()}))
+    os.sync()
+
+
+def finish(ok: bool = True, figures: dict | None = None) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    for f in PERSIST.glob("ring-*.json"):
+        shutil.copy(f, OUT / f.name)
+    (OUT / "result.json").write_text(
+        json.dumps({"ok": ok, "boot_id": boot_id(), "boots": boot_number(), "figures": figures or {}})
+    )
+    status_json = subprocess.run(
+        ["/opt/edgeagent/bin/edgeagent", "status", "--json", "-c", "/etc/edgeagent/edgeagent.toml"],
+        capture_output=True,
+        text=True,
+    )
+    (OUT / "status.json").write_text(status_json.stdout or "{}")
+    journal = subprocess.run(
+        ["journalctl", "-b", "-u", "edgeagent", "-o", "short-monotonic", "--no-pager"], capture_output=True, text=True
+    )
+    (OUT / "agent.log").write_text(journal.stdout)
+    with open(RESULTS_DISK, "wb") as disk, tarfile.open(fileobj=disk, mode="w") as tar:
+        tar.add(OUT, arcname=".")
+    os.sync()
+    say(f"done ok={ok}")
+    subprocess.run(["systemctl", "poweroff", "--no-block"])
+    sys.exit(0)
+
+
+def start(extra: float = 0) -> None:
+    wait(agent_ready, 180, "the agent to be running")
+    say(f"agent ready boot={boot_number()} boot_id={boot_id()}")
+
+
+# --- scenarios ------------------------------------------------------------------
+
+
+def first_boot() -> None:
+    start()
+    write_lines("first-boot", 6, levels=(3, 4, 5, 6, 7, 2))
+    wait_committed()
+    wait_drained()
+    save_ring("1")
+    finish()
+
+
+def reboot(wipe_tmp: bool = False) -> None:
+    """Boot 1: lines uploaded, then lines committed while the link is down,
+    reboot. Boot 2: the new boot's ring and the previous boot's unsent lines."""
+    start()
+    if boot_number() == 1:
+        write_lines("boot1-sent", 4)
+        wait_committed()
+        wait_drained()
+        if wipe_tmp:
+            subprocess.run(["systemctl", "stop", "edgeagent"], check=True)
+            for entry in Path("/tmp").iterdir():
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            (Path("/tmp") / "edgetest-marker").write_text("gone after a reboot if /tmp is a tmpfs")
+            say("stopped the agent, wiped /tmp, starting it again")
+            subprocess.run(["systemctl", "start", "edgeagent"], check=True)
+            start()
+            write_lines("boot1-after-wipe", 4)
+            wait_committed()
+            wait_drained()
+        subprocess.run(["ip", "link", "set", NIC, "down"], check=True)
+        write_lines("boot1-unsent", 5)
+        wait_committed()
+        save_ring("1")
+        say(f"rebooting with {chunk_count()} chunks unsent")
+        subprocess.run(["systemctl", "reboot"])
+        time.sleep(600)
+        return
+    if wipe_tmp and (Path("/tmp") / "edgetest-marker").exists():
+        fail("/tmp survived the reboot: it is not a tmpfs")
+    write_lines("boot2", 4)
+    wait_committed()
+    wait_drained()
+    save_ring("2")
+    finish()
+
+
+def clock() -> None:
+    """The agent started at 1970; lines are committed, then the clock is set from
+    the RTC (the host's time) and the broker comes up (the host starts it)."""
+    start()
+    if time.time() > 10**9:
+        fail(f"the clock was not in 1970 when the agent started: {time.time()}")
+    write_lines("clock-1970", 4)
+    wait_committed()
+    rtc = int(Path("/sys/class/rtc/rtc0/since_epoch").read_text())
+    subprocess.run(["date", "-s", f"@{rtc}"], check=True, capture_output=True)
+    say(f"clock set to {rtc}")
+    write_lines("clock-set", 2)
+    wait_committed()
+    wait_drained()
+    save_ring("1")
+    finish(figures={"clock_set_to": rtc})
+
+
+def carrier() -> bool:
+    return Path(f"/sys/class/net/{NIC}/carrier").read_text().strip() == "1"
+
+
+def link() -> None:
+    """Backlog built while the host holds the link down; measures how long after
+    the carrier comes back the first chunk is acknowledged."""
+    start()
+    wait(uploader_connected, 120, "the uploader to connect")
+    wait_drained()
+    say("link-down-please")
+    wait(lambda: not carrier(), 60, "the carrier to go down", 0.05)
+    write_lines("link-down", 6)
+    wait_committed()
+    wait(lambda: not uploader_connected(), 120, "the uploader to notice the link is gone")
+    time.sleep(3)  # into the retry back-off (retry_initial is long in this scenario's config)
+    chunks = chunk_count()
+    say(f"link-up-please chunks={chunks}")
+    wait(carrier, 120, "the carrier to come back", 0.02)
+    up = time.monotonic()
+    wait(lambda: chunk_count() < chunks, 120, "the first chunk to drain", 0.05)
+    first = time.monotonic() - up
+    wait_drained()
+    drained = time.monotonic() - up
+    say(f"link up: first chunk acknowledged after {first:.2f}s, backlog drained after {drained:.2f}s")
+    save_ring("1")
+    finish(figures={"link_up_to_first_ack_s": round(first, 3), "link_up_to_drained_s": round(drained, 3)})
+
+
+def powercut(final: bool) -> None:
+    """Lines written and committed until the host kills QEMU; the final boot drains."""
+    if final:
+        start()
+        write_lines("final", 1)
+        wait_committed()
+        wait_drained(600)
+        finish()
+    boot = boot_number()
+    path = LOGDIR / "pc.log"
+    n = path.read_bytes().count(b"\n") if path.exists() else 0  # lines are fsynced: the file survived the cut
+    say(f"writer start boot={boot} boot_id={boot_id()}")
+    i = 0
+    last_report = 0.0
+    while True:
+        kmsg_write(6, f"edgetest pc b{boot} k{i}")
+        append_line(path, f"edgetest pc f{n}")
+        n += 1
+        i += 1
+        if time.monotonic() - last_report > 0.25:
+            last_report = time.monotonic()
+            offset = committed_offset(path)
+            lines = path.read_bytes()[: max(offset, 0)].count(b"\n")
+            say(f"committed boot_id={boot_id()} kseq={committed_kmsg()} flines={lines} written={n}")
+        time.sleep(0.05)
+
+
+def idle() -> None:
+    start()
+    wait(uploader_connected, 120, "the uploader to connect")
+    wait_drained()
+    subprocess.run(["systemctl", "stop", "edgeagent"], check=True)
+    t0 = time.monotonic()
+    subprocess.run(["systemctl", "start", "edgeagent"], check=True)
+    wait(agent_ready, 120, "the agent to be running again", 0.05)
+    startup = time.monotonic() - t0
+    wait(uploader_connected, 120, "the uploader to connect")
+    pid = main_pid()
+    ticks = os.sysconf("SC_CLK_TCK")
+
+    def cpu() -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / ticks
+
+    time.sleep(5)
+    c0, t1 = cpu(), time.monotonic()
+    time.sleep(60)
+    c1, t2 = cpu(), time.monotonic()
+    rss = next(
+        int(line.split()[1])
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        if line.startswith("VmRSS:")
+    )
+    figures = {
+        "startup_to_ready_s": round(startup, 2),
+        "idle_cpu_percent": round(100 * (c1 - c0) / (t2 - t1), 2),
+        "rss_kib": rss,
+    }
+    say(f"idle figures {json.dumps(figures)}")
+    save_ring("1")
+    finish(figures=figures)
+
+
+def main() -> None:
+    scenario = sys.argv[1]
+    say(f"scenario {scenario} boot={boot_number()} uptime={Path('/proc/uptime').read_text().split()[0]}")
+    LOGDIR.mkdir(parents=True, exist_ok=True)
+    scenarios = {
+        "first_boot": first_boot,
+        "reboot": reboot,
+        "tmp_wiped": lambda: reboot(wipe_tmp=True),
+        "clock": clock,
+        "link": link,
+        "powercut": lambda: powercut(final=False),
+        "powercut_final": lambda: powercut(final=True),
+        "idle": idle,
+    }
+    try:
+        scenarios[scenario]()
+    except SystemExit:
+        raise
+    except BaseException as e:
+        fail(f"{type(e).__name__}: {e}")
+
+
+if __name__ == "__main__":
+    main()
