@@ -107,21 +107,9 @@ def build_wheel(dest: Path) -> Path:
         shutil.copytree(REPO / "edgeagent", src / "edgeagent", ignore=shutil.ignore_patterns("__pycache__"))
         for name in ("pyproject.toml", "README.md"):
             shutil.copy(REPO / name, src / name)
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "wheel",
-                "-q",
-                "--no-deps",
-                "--no-build-isolation",
-                "-w",
-                str(dest),
-                str(src),
-            ],
-            check=True,
-        )
+        # With build isolation: pip fetches setuptools and wheel from the package index.
+        pip_wheel = [sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check", "--no-deps"]
+        subprocess.run([*pip_wheel, "-w", str(dest), str(src)], check=True)
     return next(dest.glob("edgeagent-*.whl"))
 
 

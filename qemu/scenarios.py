@@ -9,6 +9,7 @@ module tests/qemu/test_qemu.py both call it.
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import sys
@@ -107,9 +108,12 @@ def agent_config(arch: str, scenario: str) -> str:
 
 
 def service_unit() -> Path:
-    """The unit a device image ships (packaging/) once there is one, else the runner's minimal one."""
+    """The unit a device image ships (packaging/), or the runner's minimal one
+    (EDGEAGENT_QEMU_UNIT=minimal, and while packaging/ has none)."""
     packaged = REPO / "packaging/systemd/edgeagent.service"
-    return packaged if packaged.exists() else GUEST_DIR / "edgeagent.service"
+    if os.environ.get("EDGEAGENT_QEMU_UNIT", "minimal") == "packaged" and packaged.exists():
+        return packaged
+    return GUEST_DIR / "edgeagent.service"
 
 
 def input_files(session: Session, arch: str, scenario: str) -> dict[str, bytes | Path]:
@@ -140,7 +144,17 @@ def verify(results: dict[str, bytes], received: list[dict[str, Any]], file_lines
         problems += check_ring(ring, received)
     problems += check_file_lines(received, file_lines)
     problems += [f"agent reported a loss: {body}" for body in loss_records(received)]
+    problems += agent_failures(results.get("agent.log", b"").decode(errors="replace"))
     return problems
+
+
+def agent_failures(journal: str) -> list[str]:
+    """The agent exited on its own during the last boot (systemd restarted it, hiding the failure)."""
+    return [
+        f"the agent failed: {line.strip()}"
+        for line in journal.splitlines()
+        if "edgeagent: error:" in line or "Main process exited" in line
+    ][:3]
 
 
 def lines(tag: str, count: int) -> list[str]:

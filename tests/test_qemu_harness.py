@@ -135,3 +135,16 @@ def test_powercut_tally_counts_losses_and_explains_duplicates() -> None:
 def test_every_scenario_config_is_valid(scenario: str) -> None:
     config = loads(agent_config("armhf", scenario))
     assert config.spool.durability == ("normal" if scenario == "powercut_normal" else "full")
+
+
+def test_agent_failures_are_found_in_its_journal() -> None:
+    from scenarios import agent_failures
+
+    journal = (
+        "[  160.4] edgeqemu systemd[1]: Started edgeagent.service - edgeagent log agent.\n"
+        "[  203.9] edgeqemu edgeagent[240]: edgeagent: error: creating or migrating the spool schema failed\n"
+        "[  205.0] edgeqemu systemd[1]: edgeagent.service: Main process exited, code=exited, status=1/FAILURE\n"
+        "[  233.3] edgeqemu edgeagent[263]: 2026-11-30 INFO edgeagent: edgeagent 0.1.0 started\n"
+    )
+    assert len(agent_failures(journal)) == 2
+    assert agent_failures(journal.splitlines()[0] + "\n" + journal.splitlines()[3]) == []
