@@ -56,6 +56,7 @@ class Session:
 
     workdir: Path
     log: Callable[[str], None] = print
+    results: list[Result] = field(default_factory=list)
     _wheel: Path | None = None
 
     def wheel(self) -> Path:
