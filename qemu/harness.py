@@ -113,6 +113,20 @@ def build_wheel(dest: Path) -> Path:
     return next(dest.glob("edgeagent-*.whl"))
 
 
+def run_wheels() -> list[Path]:
+    """The run-wheels.txt wheels (pip's download is skipped for those already in the cache)."""
+    dest = cache_dir() / "wheels"
+    pins = [line.strip() for line in (QEMU_DIR / "run-wheels.txt").read_text().splitlines()]
+    pins = [p for p in pins if p and not p.startswith("#")]
+    wanted = {p.split("==")[0].replace("-", "_").lower(): p.split("==")[1] for p in pins}
+    have = [w for w in dest.glob("*.whl") if wanted.get(w.name.split("-")[0].lower()) == w.name.split("-")[1]]
+    if len(have) < len(wanted):
+        pip = [sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check", "--no-deps"]
+        subprocess.run([*pip, "--only-binary=:all:", "-d", str(dest), *pins], check=True)
+        have = [w for w in dest.glob("*.whl") if wanted.get(w.name.split("-")[0].lower()) == w.name.split("-")[1]]
+    return sorted(have)
+
+
 def write_input_disk(path: Path, files: dict[str, bytes | Path]) -> None:
     """A tar the guest unpacks with `tar -xf /dev/vdb`; padded to whole MiB for the block device."""
     with tarfile.open(path, "w") as tar:
