@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from edgeagent import __version__, clock, redact, statedir
+from edgeagent import __version__, clock, redact, service, statedir
 from edgeagent import config as config_mod
 from edgeagent.config import Config, ConfigError
 from edgeagent.mqtt import MqttSession, SessionKeeper
@@ -150,6 +150,7 @@ class Agent:
         if self.spool is None:
             log.info("stopped before the spool could be opened")
             return 0
+        notifier = service.Notifier()
         for event in self.spool.events:
             log.error("%s", event)
         log.info(
@@ -172,6 +173,8 @@ class Agent:
             if self._fleet is not None:
                 self._fleet_task = asyncio.create_task(self._supervise("fleet", self._fleet.run), name="fleet")
             self._write_status("running")
+            notifier.start_watchdog()
+            notifier.ready(f"running: device {self.config.device_id}")
             while not self._stop.is_set():
                 stop_wait = asyncio.ensure_future(self._stop.wait())
                 reload_wait = asyncio.ensure_future(self._reload.wait())
@@ -184,6 +187,7 @@ class Agent:
                 self.spool.retry_unrecorded()
                 self._write_status("running")
                 self._heap.trim()
+            notifier.stopping()
             log.info("stopping")
             if self._fleet_task is not None:
                 self._fleet_task.cancel()
@@ -192,6 +196,7 @@ class Agent:
             await self._mqtt.close()
             self._write_status("stopped")
         finally:
+            notifier.close()
             self.spool.close()
         if not committed:
             return 1
@@ -527,8 +532,5 @@ class _Heap:
 
 
 def run(config: Config) -> int:
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    service.configure_logging(config.log_level, config.log_format)
     return asyncio.run(Agent(config).run())

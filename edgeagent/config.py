@@ -233,6 +233,8 @@ class Config:
     device_id: str = ""
     state_dir: Path = DEFAULT_STATE_DIR
     log_level: str = field(default="info", metadata=_choice("debug", "info", "warning", "error"))
+    # "journal": `<N>` priority prefix, no timestamp (systemd); "auto": journal when stderr is the journal
+    log_format: str = field(default="auto", metadata=_choice("auto", "journal", "plain"))
     resource: dict[str, str] = field(default_factory=dict)
     kmsg: KmsgConfig = field(default_factory=KmsgConfig)
     files: tuple[FilesConfig, ...] = ()
