@@ -62,6 +62,7 @@ RDEPENDS:${PN} += "\
     python3-datetime \
     python3-difflib \
     python3-email \
+    python3-fcntl \
     python3-io \
     python3-json \
     python3-logging \
