@@ -66,6 +66,7 @@ RDEPENDS:${PN} += "\
     python3-io \
     python3-json \
     python3-logging \
+    python3-math \
     python3-netclient \
     python3-paho-mqtt \
     python3-resource \
