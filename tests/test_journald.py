@@ -315,3 +315,16 @@ def test_start_at_end_reads_only_new_entries_across_a_restart(make_agent: Any, t
     assert sorted(numbers(records, "stopped")) == list(range(40))
     assert sorted(numbers(records, "running")) == list(range(60))
     assert agent.stop() == 0
+
+
+def test_missing_journalctl_is_reported_and_retried(make_agent: Any, tmp_path: Path) -> None:
+    agent = make_agent(config(tmp_path, f'journalctl = "{tmp_path}/no-such-journalctl"'))
+    agent.start()
+    status = wait_for(
+        lambda: agent.status().get("sources", {}).get("journald", {}).get("state") == "error" and agent.status(),
+        30,
+        what="the journald source in error",
+    )
+    assert "cannot run" in status["sources"]["journald"]["error"]
+    assert status["agent"]["state"] == "running"
+    assert agent.stop() == 0

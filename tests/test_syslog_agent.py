@@ -4,6 +4,7 @@ over every transport and rsyslog forwarding (counted at a real mosquitto). Thous
 from __future__ import annotations
 
 import collections
+import grp
 import os
 import shutil
 import socket
@@ -319,4 +320,36 @@ listen = "tcp://127.0.0.1:{tcp}"
         rsyslog.terminate()
         rsyslog.wait(30)
         logs.close()
+    assert agent.stop() == 0
+
+
+def test_a_listener_that_cannot_open_does_not_stop_the_others(make_agent: Any, tmp_path: Path) -> None:
+    """A unix socket path that is a regular file is never deleted: that listener reports the error and retries;
+    the other listeners run. The socket of a working unix listener gets the configured mode and group."""
+    not_a_socket = tmp_path / "not-a-socket"
+    not_a_socket.write_text("precious\n")
+    stream = tmp_path / "stream.sock"
+    agent = make_agent(
+        SPOOL_ONLY
+        + f"""
+[[syslog]]
+listen = "unix-stream://{not_a_socket}"
+[[syslog]]
+listen = "unix-stream://{stream}"
+socket_mode = "0660"
+socket_group = "nogroup"
+"""
+    )
+    agent.start()
+
+    def listeners() -> list[dict[str, Any]]:
+        return agent.status().get("sources", {}).get("syslog", {}).get("listeners", [])
+
+    wait_for(lambda: [x["state"] for x in listeners()] == ["error", "running"], 30, what="one error, one running")
+    assert "exists and is not a socket" in listeners()[0]["error"]
+    assert not_a_socket.read_text() == "precious\n"
+    assert os.stat(stream).st_mode & 0o777 == 0o660
+    assert os.stat(stream).st_gid == grp.getgrnam("nogroup").gr_gid
+    run_logger("-u", str(stream), "-T", "-t", "ok", "still working")
+    wait_for(lambda: [r["body"] for r in syslog_records(agent.state_dir)] == ["still working"], 30, what="the record")
     assert agent.stop() == 0
