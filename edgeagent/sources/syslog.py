@@ -52,6 +52,7 @@ READ_SIZE = 64 * 1024  # bytes read from a connection at a time
 DATAGRAMS_PER_WAKEUP = 256  # then yield to the loop
 DATAGRAM_BUFFER = 256 * 1024  # larger than any UDP datagram; unix datagrams beyond are cut
 RETRY_INITIAL, RETRY_MAX = 1.0, 60.0
+DROP_REPORT_INTERVAL = 1.0  # seconds over which datagram drops are summed into one loss record
 SOURCE = "syslog"
 # Linux: SO_MEMINFO reads the socket's memory counters (u32s); index SK_MEMINFO_DROPS counts the datagrams the
 # kernel dropped because the receive buffer was full. Read after every drain of the socket: a drop needs a full
@@ -217,6 +218,7 @@ class _Listener:
         self._overflow_seen = 0
         self._unreported_drops = 0
         self._drop_timer: asyncio.TimerHandle | None = None
+        self._closing = False
         self._attrs: Attributes = {ATTR_TRANSPORT: "unix" if self.transport.startswith("unix") else self.transport}
 
     def status(self) -> dict[str, Any]:
@@ -227,6 +229,7 @@ class _Listener:
 
     async def run(self, ctx: SourceContext) -> None:
         self._ctx = ctx
+        self._closing = False
         delay = RETRY_INITIAL
         try:
             while True:
@@ -297,9 +300,10 @@ class _Listener:
             os.chown(self.host, -1, self.gid)
 
     def _close(self) -> None:
+        self._closing = True
         if self._drop_timer is not None:
             self._drop_timer.cancel()
-            self._drop_timer = None
+            self._report_drops()  # at a stop, drops not reported yet go out with the final commit
         if self._sock is not None:
             with contextlib.suppress(RuntimeError):
                 asyncio.get_running_loop().remove_reader(self._sock.fileno())
@@ -367,24 +371,19 @@ class _Listener:
         """Datagrams lost (spool stalled, or the kernel's buffer overflowed): counted now, reported in a
         record once the spool takes writes again (guarantee 5)."""
         assert self._ctx is not None
-        if not self._unreported_drops:
-            log.warning(
-                "syslog: %s is dropping datagrams (the spool takes no writes, or reading fell behind)", self.cfg.listen
-            )
         self.stats["dropped"] += count
         self._unreported_drops += count
         self._ctx.count({"syslog_dropped": count})
-        if self._drop_timer is None:
-            self._drop_timer = asyncio.get_running_loop().call_soon(self._report_drops)
+        if self._drop_timer is None:  # one record a second at most, however long the loss goes on
+            self._drop_timer = asyncio.get_running_loop().call_later(DROP_REPORT_INTERVAL, self._report_drops)
 
     def _report_drops(self) -> None:
         ctx = self._ctx
         self._drop_timer = None
         if ctx is None or not self._unreported_drops:
             return
-        if not ctx.accepting:
-            interval = ctx.config.spool.flush_interval
-            self._drop_timer = asyncio.get_running_loop().call_later(interval, self._report_drops)
+        if not ctx.accepting and not self._closing:
+            self._drop_timer = asyncio.get_running_loop().call_later(DROP_REPORT_INTERVAL, self._report_drops)
             return
         count, self._unreported_drops = self._unreported_drops, 0
         text = f"edgeagent: {count} syslog datagrams received on {self.cfg.listen} were dropped"
