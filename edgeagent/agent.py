@@ -244,7 +244,7 @@ class Agent:
         self._sources, self._uploader = components
         session = self._attach_session(config, self._uploader)
         if self._uploader is not None:
-            self._uploader_ctx = UploaderContext(self.spool, config, on_loss=self._ship_loss)
+            self._uploader_ctx = UploaderContext(self.spool, config, on_loss=self._ship_loss, boot_id=self.boot_id)
         on_commit = self._uploader_ctx.wake if self._uploader_ctx is not None else None
         self._batcher = Batcher(self.spool, encoder, self.boot_id, config.spool, on_commit=on_commit)
         self._batcher.ship_spool_losses()  # a quarantine at open, and what its salvage lost
@@ -423,10 +423,13 @@ class Agent:
         await self._mqtt.retire_if_changed(new)  # after the old uploader drained through it
         session = self._attach_session(new, uploader)
         self._errors.pop("uploader", None)
+        refusals = self._uploader_ctx.refusals if self._uploader_ctx is not None else None
         self._uploader, self._uploader_ctx = uploader, None
         self._batcher.on_commit = None
         if uploader is not None:
-            ctx = self._uploader_ctx = UploaderContext(self.spool, new, on_loss=self._ship_loss)
+            ctx = self._uploader_ctx = UploaderContext(
+                self.spool, new, on_loss=self._ship_loss, boot_id=self.boot_id, refusals=refusals
+            )
             self._batcher.on_commit = ctx.wake
             self._spawn("uploader", lambda: uploader.run(ctx))
             ctx.wake()

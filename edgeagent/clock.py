@@ -4,7 +4,8 @@ Records keep monotonic times (CLOCK_MONOTONIC, the clock of kernel log
 timestamps) and a boot id. Wall time = monotonic + offset, where offset =
 CLOCK_REALTIME - CLOCK_MONOTONIC as best known. A device without an RTC boots
 at 1970; once NTP sets the clock the offset jumps, and chunks encoded before
-the jump are corrected at upload (guarantee 7).
+the jump are corrected at upload (guarantee 7) by `UploaderContext.corrected`,
+the one place that shifts times.
 """
 
 from __future__ import annotations
@@ -45,8 +46,10 @@ class Clock:
     devices with a battery-backed RTC have a right clock that no NTP daemon
     disciplines, and marking all their records would be wrong. A clock
     restored to a plausible but stale time (fake-hwclock) cannot be told from
-    a right one; its records are corrected only if NTP later moves the offset
-    by more than `JUMP_NS` while the agent runs.
+    a right one; its records are corrected at upload if the offset later moves
+    by more than `JUMP_NS` (NTP stepping it): `UploaderContext.corrected`
+    compares each chunk's offset with the live state of this boot, or the last
+    stored offset of an earlier boot.
     """
 
     JUMP_NS = 1_000_000_000

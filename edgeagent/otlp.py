@@ -337,8 +337,8 @@ def count_records(buf: bytes) -> int:
 def shift_times(buf: bytes, delta_ns: int) -> bytes:
     """Return `buf` with every record's wall times moved by `delta_ns`.
 
-    Used at upload when a chunk was encoded before the clock was synced and
-    the boot's true clock offset is now known (guarantee 7). Records marked
+    Called only by `UploaderContext.corrected` (guarantee 7), which stores the
+    result with its new offset so that nothing shifts the same times twice. Records marked
     `edgeagent.clock=unsynced` are re-marked `adjusted`. Fixed64 times and
     equal-length markers are patched in place, so no length changes.
     """

@@ -23,6 +23,7 @@ through `UploaderContext`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -440,14 +441,25 @@ class UploaderContext:
     """What an uploader may do: read, ack, reject and split chunks; wait for work."""
 
     def __init__(
-        self, spool: Spool, config: Config, on_loss: ShipLoss | None = None, report_interval: float = DEFAULT_INTERVAL
+        self,
+        spool: Spool,
+        config: Config,
+        on_loss: ShipLoss | None = None,
+        report_interval: float = DEFAULT_INTERVAL,
+        *,
+        boot_id: str | None = None,
+        clock: Clock | None = None,
+        refusals: RefusalReports | None = None,
     ) -> None:
         self.spool = spool
         self.config = config
+        self._boot_id = boot_id  # this boot: its chunks are corrected by the live clock
+        self._clock = clock or Clock()
         self.wake_event = asyncio.Event()
         self._reasons: set[str] = set()
         # on_loss(record, counters) ships a loss record and commits the counters with it.
-        self.refusals = RefusalReports(spool, on_loss, report_interval)
+        # A context replacing another (reload) takes over its reports, so none is sent twice.
+        self.refusals = refusals or RefusalReports(spool, on_loss, report_interval)
         self.credentials_error: str | None = None
         self.credentials_error_since: float | None = None
 
@@ -515,17 +527,38 @@ class UploaderContext:
         return reasons
 
     def payload(self, chunk: StoredChunk) -> bytes:
-        """The chunk's wire payload, with wall times corrected if the boot's
-        clock was synced after the chunk was encoded (guarantee 7)."""
-        if chunk.clock_synced:
-            return chunk.payload
-        known = self.spool.boot_offset(chunk.boot_id)
-        if known is None or not known[1]:
-            return chunk.payload
-        delta = known[0] - chunk.clock_offset_ns
-        dctx = zstandard.ZstdDecompressor()
-        fixed = shift_times(dctx.decompress(chunk.payload), delta)
+        """The chunk's wire payload, with wall times corrected (see `corrected`)."""
+        return self.corrected(chunk).payload
+
+    def corrected(self, chunk: StoredChunk) -> StoredChunk:
+        """`chunk` with its wall times right by the best clock known now
+        (guarantee 7). The one place that shifts times: uploaders send, split
+        and store what this returns, never shift again.
+
+        Best known: for this boot the live clock (a device that set its clock
+        while idle has committed nothing since), for an earlier boot the last
+        offset its batcher stored. A chunk encoded before the clock was
+        established is shifted to it and its records marked `adjusted`; one
+        encoded with a plausible clock is shifted only if the offset has moved
+        by more than `Clock.JUMP_NS` since (NTP stepped a stale clock). The new
+        payload is stored with the offset it now matches, so the correction
+        happens once, and parts of a split inherit both."""
+        best = self._best_offset(chunk.boot_id)
+        if best is None or not best.synced:
+            return chunk
+        delta = best.offset_ns - chunk.clock_offset_ns
+        if chunk.clock_synced and abs(delta) <= Clock.JUMP_NS:
+            return chunk
+        fixed = shift_times(zstandard.ZstdDecompressor().decompress(chunk.payload), delta)
         payload = zstandard.ZstdCompressor(level=3, write_checksum=True).compress(fixed)
-        self.spool.replace_payload(chunk.id, payload)
-        log.info("chunk %s: wall times corrected by %.3f s after the clock was synced", chunk.chunk_id, delta / 1e9)
-        return payload
+        # On a full disk the spool keeps the old payload and offset (consistent: corrected the
+        # same way next time); this upload, and split parts, use the corrected ones.
+        self.spool.replace_payload(chunk.id, payload, best.offset_ns)
+        log.info("chunk %s: wall times corrected by %.3f s to the clock known now", chunk.chunk_id, delta / 1e9)
+        return dataclasses.replace(chunk, payload=payload, clock_offset_ns=best.offset_ns, clock_synced=True)
+
+    def _best_offset(self, boot_id: str) -> ClockState | None:
+        if boot_id == self._boot_id:
+            return self._clock.state()
+        known = self.spool.boot_offset(boot_id)
+        return ClockState(*known) if known is not None else None

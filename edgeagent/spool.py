@@ -647,16 +647,17 @@ class Spool:
             dropped_records += records
         _bump(c, {"dead_letters_dropped": dropped, "dead_letters_dropped_records": dropped_records})
 
-    def replace_payload(self, chunk_id: int, payload: bytes) -> None:
-        """Swap a chunk's payload (after a time correction) without changing its id."""
+    def replace_payload(self, chunk_id: int, payload: bytes, clock_offset_ns: int) -> None:
+        """Swap a chunk's payload after a time correction (to `clock_offset_ns`, now
+        marked synced) without changing its id."""
         old = self._conn.execute("SELECT length(payload) FROM chunks WHERE id = ?", (chunk_id,)).fetchone()
         if old is None:
             return
         try:
             with self._write(synced=False) as c:
                 c.execute(
-                    "UPDATE chunks SET payload = ?, crc32 = ?, clock_synced = 1 WHERE id = ?",
-                    (payload, zlib.crc32(payload), chunk_id),
+                    "UPDATE chunks SET payload = ?, crc32 = ?, clock_offset_ns = ?, clock_synced = 1 WHERE id = ?",
+                    (payload, zlib.crc32(payload), clock_offset_ns, chunk_id),
                 )
         except sqlite3.OperationalError as e:  # a full disk: the correction is made again next time
             log.warning("could not store the time-corrected payload of chunk %d: %s", chunk_id, e)

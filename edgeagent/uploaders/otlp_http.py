@@ -420,7 +420,8 @@ class OtlpHttpUploader:
             chunk = found[0]
             after = chunk.id
             with _corrupt_as(chunk):
-                payload = ctx.payload(chunk)
+                chunk = ctx.corrected(chunk)  # split parts inherit the corrected times: never shifted twice
+                payload = chunk.payload
                 size = self._raw_size(payload)
             if chunks and (sum(sizes) + size > limit):
                 break  # goes first in the next request
