@@ -101,3 +101,53 @@ def test_split_and_correction_shift_times_once(tmp_path: Path) -> None:
         markers = {kv.value.string_value for rec in server.received for r in rec.records() for kv in r.attributes}
         assert "adjusted" in markers and "unsynced" not in markers
     h.close()
+
+
+def test_mqtt_split_and_correction_shift_times_once(tmp_path: Path) -> None:
+    """The same over MQTT: chunks above the broker's maximum packet size are split after
+    the correction, and the parts must not be corrected again."""
+    from conftest import Broker, wait_for
+    from mqtt_helpers import BOOT_ID, Subscriber, UploaderHarness, decode
+
+    workdir = tmp_path / "broker"
+    workdir.mkdir()
+    broker = Broker(workdir, "max_packet_size 6000\n")
+    broker.start()
+    logs = Subscriber(broker.port, "edgeagent/gw-7/logs")
+    config = (
+        f'device_id = "gw-7"\nstate_dir = "{tmp_path / "state"}"\n[kmsg]\nenabled = false\n'
+        f'[upload]\nretry_initial = "200ms"\nretry_max = "2s"\n[mqtt]\nurl = "{broker.url}"\n'
+    )
+    h = UploaderHarness(tmp_path / "state", config)
+    try:
+        clock = FakeClock(1_000, False)
+
+        def use_clock() -> None:
+            h.batcher.clock = clock  # type: ignore[assignment]
+            h.ctx = UploaderContext(h.spool, h.config, boot_id=BOOT_ID, clock=clock)  # type: ignore[arg-type]
+            h.batcher.on_commit = h.ctx.wake
+
+        h.call(use_clock)
+        h.add_lines(0, 2000, 2000)  # one chunk of about 15 KB, observed at monotonic 1 s
+        clock.value = ClockState(REAL, True)
+        h.start()
+        wait_for(lambda: h.backlog()["chunks"] == 0, 60, what="all parts delivered")
+        wait_for(
+            lambda: (
+                sum(len(decode(m.payload).resource_logs[0].scope_logs[0].log_records) for m in logs.received()) >= 2000
+            ),
+            what="every line",
+        )
+        times = {
+            r.observed_time_unix_nano
+            for m in logs.received()
+            for rl in decode(m.payload).resource_logs
+            for sl in rl.scope_logs
+            for r in sl.log_records
+        }
+        assert h.status()["splits"] >= 1
+        assert times == {REAL + 1_000_000_000}
+    finally:
+        h.close()
+        logs.close()
+        broker.stop()

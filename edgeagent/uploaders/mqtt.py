@@ -17,7 +17,6 @@ again from the spool on the next connection, with the same chunk id.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -213,12 +212,12 @@ class MqttUploader:
         """Hand one chunk to the session; False when nothing more should be published now."""
         assert self._ctx is not None and self.session is not None
         try:
-            payload = self._ctx.payload(chunk)
+            # Corrected times and the offset they match: a split below inherits both (never shifted twice).
+            chunk = self._ctx.corrected(chunk)
         except (zstandard.ZstdError, otlp.DecodeError) as e:
             self._dead_letter(chunk, f"chunk payload is corrupt and cannot be sent: {e}")
             return True
-        if payload is not chunk.payload:
-            chunk = dataclasses.replace(chunk, payload=payload, clock_synced=True)
+        payload = chunk.payload
         properties = self._properties(chunk) if self.v5 else None
         limit = self.session.max_packet_size
         if limit:
