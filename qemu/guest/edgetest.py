@@ -274,6 +274,7 @@ def clock() -> None:
     say(f"clock set to {rtc}")
     write_lines("clock-set", 2)
     wait_committed()
+    say("clock-set lines committed")  # the agent has seen the new clock: the host starts the broker
     wait_drained()
     save_ring("1")
     finish(figures={"clock_set_to": rtc})
