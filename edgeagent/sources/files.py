@@ -303,6 +303,7 @@ class FileSource:
     """Tails the files of every `[[files]]` section (see the module docstring)."""
 
     name = "files"
+    config_section = "files"  # registered in edgeagent/sources/__init__.py
 
     def __init__(self, config: Config) -> None:
         self.config = config

@@ -221,6 +221,7 @@ class JournaldSource:
     """The `pipeline.Source` for `[journald]`."""
 
     name = SOURCE
+    config_section = "journald"  # registered in edgeagent/sources/__init__.py
 
     def __init__(self, config: Config) -> None:
         self.cfg = config.journald

@@ -257,6 +257,7 @@ class KmsgSource:
     device in tests that need what the kernel cannot be made to do on demand."""
 
     name = "kmsg"
+    config_section = "kmsg"  # registered in edgeagent/sources/__init__.py
 
     def __init__(self, config: Config, open_device: Callable[[str], KmsgDevice] | None = None) -> None:
         self.config = config

@@ -91,6 +91,7 @@ class PstoreSource:
     """The `pipeline.Source` that collects pstore files once, at start-up."""
 
     name = "pstore"
+    config_section = "kmsg"  # registered in edgeagent/sources/__init__.py
 
     def __init__(self, config: Config) -> None:
         self.directory = Path(config.kmsg.pstore_dir)

@@ -167,6 +167,7 @@ class SyslogSource:
     """The `pipeline.Source` for every `[[syslog]]` listener."""
 
     name = SOURCE
+    config_section = "syslog"  # registered in edgeagent/sources/__init__.py
 
     def __init__(self, config: Config) -> None:
         self.config = config
