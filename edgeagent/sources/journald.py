@@ -33,8 +33,8 @@ from edgeagent.clock import monotonic_ns
 from edgeagent.config import Config
 from edgeagent.pipeline import SourceContext
 from edgeagent.records import SEVERITY_WARN, Attributes, Batch, Record, syslog_severity
-from edgeagent.sources.files import cut_utf8
 from edgeagent.sources.kmsg import FACILITY_NAMES
+from edgeagent.sources.lines import cut_utf8
 
 log = logging.getLogger(__name__)
 

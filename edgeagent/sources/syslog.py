@@ -43,7 +43,7 @@ from edgeagent.clock import monotonic_ns
 from edgeagent.config import Config, ConfigError, SyslogConfig, parse_listen
 from edgeagent.pipeline import SourceContext
 from edgeagent.records import SEVERITY_WARN, Attributes, Batch, Record
-from edgeagent.sources.files import cut_utf8
+from edgeagent.sources.lines import cut_utf8
 from edgeagent.sources.syslog_parse import parse_message
 
 log = logging.getLogger(__name__)
