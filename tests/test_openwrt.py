@@ -97,6 +97,7 @@ def test_init_script_starts_the_agent_under_procd_with_rendered_toml(tmp_path: P
         "open_instance",
         f"set_param command {ENTRY} run --config {conf}",
         "set_param respawn 3600 5 5",
+        f"set_param file {conf}",
         "set_param reload_signal HUP",
         "set_param term_timeout 30",
         "set_param stdout 1",
