@@ -120,10 +120,10 @@ def agent_config(arch: str, scenario: str) -> str:
 
 
 def service_unit() -> Path:
-    """The unit a device image ships (packaging/), or the runner's minimal one
-    (EDGEAGENT_QEMU_UNIT=minimal, and while packaging/ has none)."""
+    """The unit a device image ships (packaging/: Type=notify, its own user, sandboxed),
+    or the runner's minimal one (EDGEAGENT_QEMU_UNIT=minimal, or if packaging/ has none)."""
     packaged = REPO / "packaging/systemd/edgeagent.service"
-    if os.environ.get("EDGEAGENT_QEMU_UNIT", "minimal") == "packaged" and packaged.exists():
+    if os.environ.get("EDGEAGENT_QEMU_UNIT", "packaged") == "packaged" and packaged.exists():
         return packaged
     return GUEST_DIR / "edgeagent.service"
 
