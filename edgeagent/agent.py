@@ -399,7 +399,7 @@ class Agent:
         self._sources = [running[n] for n in running if n not in replaced] + [built[n] for n in built if n in replaced]
         source_ctx = SourceContext(self._batcher, self.spool, self.boot_id, new)
         for name in [n for n in built if n in replaced]:
-            self._spawn(f"source {name}", lambda s=built[name]: s.run(source_ctx))
+            self._spawn(f"source {name}", functools.partial(built[name].run, source_ctx))
         if replaced or changed:
             log.info("applied config: changed %s; restarted %s", sorted(changed), sorted(replaced) or "no source")
 

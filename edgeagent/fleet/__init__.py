@@ -6,15 +6,3 @@ order), `store` (atomic persistence in state_dir/fleet/), `report` (the status
 document), `device` (the agent-side state machine) and `operator` (the
 `edgeagent fleet` commands, which use paho directly and never run on a device).
 """
-
-from __future__ import annotations
-
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from edgeagent.config import Config
-
-
-def needs_mqtt_session(config: Config) -> bool:
-    """Whether fleet config needs the agent's MQTT session (also when logs go over OTLP/HTTP)."""
-    return config.fleet.enabled

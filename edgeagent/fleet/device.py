@@ -26,6 +26,7 @@ talks to the broker only through the agent's shared MQTT session. Guarantees:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -138,7 +139,7 @@ class FleetDevice:
         """Subscribe on `session` (called again whenever the agent replaces it)."""
         self._session = session
         for topic, scope in topics(self.local).items():
-            session.subscribe(topic, lambda message, scope=scope: self._received(scope, message), 1)
+            session.subscribe(topic, functools.partial(self._received, scope), 1)
         self._report_due.set()
 
     def _received(self, scope: str, message: Any) -> None:
@@ -318,5 +319,5 @@ class FleetDevice:
         while True:
             await self._report_due.wait()
             self._report_due.clear()
-            while not await self._send_report(timeout=30.0):
+            while not await self._send_report(timeout=5.0):
                 await asyncio.sleep(RETRY_INTERVAL)

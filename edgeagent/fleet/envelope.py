@@ -58,7 +58,7 @@ class Envelope:
         return payload
 
 
-def decode(payload: bytes) -> Envelope:
+def decode(payload: bytes | bytearray) -> Envelope:
     """Parse an envelope; size and shape only (no signature check)."""
     if len(payload) > MAX_ENVELOPE_BYTES:
         raise EnvelopeError(f"payload is {len(payload)} bytes; the limit is {MAX_ENVELOPE_BYTES}")

@@ -197,7 +197,7 @@ def push(
     return version, reports
 
 
-def _version_of(payload: bytes) -> int:
+def _version_of(payload: bytes | bytearray) -> int:
     try:
         return decode(payload).version
     except EnvelopeError:
