@@ -106,6 +106,10 @@ def test_push_applies_live_and_reports(mosquitto: Broker, make_agent: Any, tmp_p
     state = tomllib.loads((agent.state_dir / "fleet" / "state.toml").read_text())
     assert state["last_good"]["device:gw-1"]["config"]["spool"]["flush_interval"] == "300ms"
     assert (agent.state_dir / "fleet" / "state.toml").stat().st_mode & 0o777 == 0o600
+    text = subprocess.run(
+        [sys.executable, "-m", "edgeagent", "status", "-c", str(agent.config_path)], capture_output=True, text=True
+    ).stdout
+    assert "fleet:     state=applied, scope=device:gw-1, version=1, applied_version=1" in text, text
     listing = fleet_cli("status", "--broker", mosquitto.url)
     assert "gw-1" in listing.stdout and "applied" in listing.stdout
     # The retained config is read again after a restart and not re-applied.

@@ -40,6 +40,7 @@ from edgeagent.fleet.store import FleetState, FleetStore, Layer, layers_hash
 log = logging.getLogger(__name__)
 
 RETRY_INTERVAL = 1.0
+SETTLE = 1.0  # how long new components must run before an apply without probation counts as applied
 
 
 class FleetHost(Protocol):
@@ -217,7 +218,12 @@ class FleetDevice:
             await self._restore(scope, version, "failed", f"cannot apply: {e}")
             return
         if not why:
-            self._commit(scope, version, self._doc("applied", scope, version, ""))
+            await asyncio.sleep(SETTLE)  # "applied" only once the new components ran, not when they were started
+            problem = self.host.health()
+            if problem:
+                await self._restore(scope, version, "failed", f"unhealthy after the apply: {problem}")
+            else:
+                self._commit(scope, version, self._doc("applied", scope, version, ""))
             return
         await self._probation(scope, version, why)
 
