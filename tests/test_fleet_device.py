@@ -10,6 +10,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from conftest import REPO, AgentProcess, Broker, free_port, wait_for
 
 from edgeagent.fleet import envelope as env_mod
@@ -216,3 +218,30 @@ def test_fleet_works_when_logs_go_over_otlp_http(mosquitto: Broker, make_agent: 
     desired(mosquitto, "gw-1", 1, '[upload]\nmax_rate = "10KiB"\n')
     wait_state(agent, "applied", 1)
     wait_for(lambda: reported(mosquitto, "gw-1").get("state") == "applied", what="the report over the shared session")
+
+
+@pytest.mark.slow  # the same apply path runs 20 times through SIGHUP in test_live_apply (default suite)
+def test_twenty_fleet_applies_while_lines_flow_lose_and_duplicate_nothing(
+    mosquitto: Broker, make_agent: Any, tmp_path: Path
+) -> None:
+    from conftest import spool_records
+    from test_live_apply import Writer
+
+    text = agent_config(mosquitto, tmp_path, extra=f'allowed_paths = ["{tmp_path}/*"]')
+    agent = make_agent(text.replace('to = "mqtt"', 'to = "none"'))
+    agent.start()
+    log = tmp_path / "gw-1.log"
+    writer = Writer(log)
+    for version in range(1, 21):
+        layer = f'[[files]]\ninclude = ["{log}"]\nstart_at = "beginning"\nmax_line_size = "{version}KiB"\n'
+        desired(mosquitto, "gw-1", version, layer)
+        wait_state(agent, "applied", version)
+    written = writer.stop()
+    assert agent.stderr().count("restarted ['files']") == 20
+
+    def lines() -> list[str]:
+        return [r["body"] for r in spool_records(agent.state_dir) if r["scope"] == "edgeagent/files"]
+
+    wait_for(lambda: len(lines()) >= written, 30, what=f"{written} lines in the spool")
+    agent.stop()
+    assert lines() == [f"line {n:07d}" for n in range(written)]
