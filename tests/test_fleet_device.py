@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import REPO, AgentProcess, Broker, free_port, wait_for
 
 from edgeagent.fleet import envelope as env_mod
