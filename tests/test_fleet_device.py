@@ -26,6 +26,7 @@ enabled = false
 to = "mqtt"
 [mqtt]
 url = "{url}"
+first_connect_delay = "0s"
 [spool]
 flush_interval = "100ms"
 [[files]]

@@ -39,6 +39,7 @@ enabled = false
 to = "mqtt"
 [mqtt]
 url = "{url}"
+first_connect_delay = "0s"
 username = "{device}"
 [spool]
 flush_interval = "100ms"

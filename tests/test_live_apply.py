@@ -20,6 +20,7 @@ enabled = false
 to = "{to}"
 [mqtt]
 url = "{url}"
+first_connect_delay = "0s"
 [spool]
 flush_interval = "{flush}"
 [[files]]
