@@ -522,3 +522,24 @@ def count_records(payloads: list[bytes]) -> int:
                     if f3 == 2:
                         total += 1
     return total
+
+
+# --- the machine while a run is measured ----------------------------------------
+
+
+def cpu_times() -> tuple[int, int, int]:
+    """(total, idle + iowait, steal) jiffies of all CPUs from /proc/stat."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    guest = sum(values[8:10])  # guest time is already counted in user/nice
+    return sum(values) - guest, values[3] + values[4], values[7]
+
+
+def machine_share(before: tuple[int, int, int], after: tuple[int, int, int]) -> dict[str, float]:
+    """Over a measured window: the share of all CPUs' time that was busy (anyone's work, ours included) and
+    stolen by the hypervisor. A busy machine or steal explains a slow run."""
+    total = max(1, after[0] - before[0])
+    return {
+        "machine_busy_pct": 100 * (total - (after[1] - before[1])) / total,
+        "steal_pct": 100 * (after[2] - before[2]) / total,
+    }

@@ -153,6 +153,7 @@ def render(results: dict[str, Any]) -> str:
                 f"{fmt(med.get('wall_x_reference', ''))} | {fmt(med.get('cpu_x_reference', ''))} |"
             )
         out.append("")
+    out += source_tables(results)
     out += ["### Targets", "", "| target | measured | met |", "|---|---|---|"]
     for label, scenario, key, limit, higher in TARGETS:
         med = (results.get(scenario) or {}).get("median")
@@ -182,3 +183,35 @@ def render(results: dict[str, Any]) -> str:
         note = _status_line("spool", spool)
         out += [note, ""] if note else [*table(list(spool["median"].items())), ""]
     return "\n".join(out)
+
+
+def source_tables(results: dict[str, Any]) -> list[str]:
+    """Scenarios 6 (syslog, one row per sender variant) and 7 (journald)."""
+    out: list[str] = []
+    syslog = results.get("syslog")
+    if syslog:
+        out += [
+            "### 6. Syslog source (to the spool, upload none)",
+            "",
+            "| sender | messages/s | received | dropped | unaccounted | CPU s | CPU s / M msgs | peak RSS MiB | "
+            "sender CPU s | others busy % | steal % | load 1m before | disturbed runs |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for variant, block in syslog.items():
+            if block.get("status") != "ok":
+                out.append(f"| {variant} | {block.get('status')}: {block.get('reason', '')} |" + " |" * 11)
+                continue
+            m = block["median"]
+            out.append(
+                f"| {variant} | {fmt(m['messages_per_s'])} | {fmt(m['received'])} | {fmt(m['dropped'])} | "
+                f"{fmt(m['unaccounted'])} | {fmt(m['cpu_s'])} | {fmt(m['cpu_s_per_million'])} | "
+                f"{fmt(m['peak_rss_mib'])} | {fmt(m['sender_cpu_s'])} | {fmt(m['others_busy_pct'])} | "
+                f"{fmt(m['steal_pct'])} | {fmt(m['loadavg_1m_before'])} | {m['disturbed']}/{m['runs']} |"
+            )
+        out.append("")
+    journald = results.get("journald")
+    if journald:
+        out += ["### 7. Journald source (journal directory from the beginning, upload none)", ""]
+        note = _status_line("journald", journald)
+        out += [note, ""] if note else [*table(list(journald["median"].items())), ""]
+    return out
