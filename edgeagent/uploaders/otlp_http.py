@@ -20,7 +20,8 @@ The HTTP/1.1 client is a minimal one on asyncio streams rather than
   make an exception for. The client needs only what an OTLP exchange uses: one
   POST with a known length; responses with Content-Length, chunked or
   close-delimited bodies; 1xx interim answers; keep-alive. The response side
-  (`http11`) reads an untrusted server strictly and within fixed bounds.
+  (`http11`) reads an untrusted server strictly and within fixed bounds, and
+  `otlp_answer` reads what a body says (partial success, error text).
 
 Every field read from an answer is parsed with explicit ranges; nonsense is
 logged and given the nearest safe meaning, and no answer can crash the
@@ -37,9 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
-import json
 import logging
-import math
 import re
 import ssl
 import time
@@ -64,6 +63,7 @@ from edgeagent.uploaders.http11 import (
     printable,
     read_response,
 )
+from edgeagent.uploaders.otlp_answer import explanation, parse_partial_success
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,6 @@ _WRITE_PIECE = 64 * 1024
 # A keep-alive connection unused this long is closed: NAT boxes on cellular links
 # drop idle flows silently, and a request on such a flow only fails after `timeout`.
 _IDLE_CLOSE = 30.0
-_EXCERPT = 300
 # OTLP/HTTP retryable answers, plus 408 (the server gave up waiting for our request: transient).
 _RETRYABLE = frozenset({408, 429, 502, 503, 504})
 # "Fix the credentials", not "the data is bad": retried with backoff, never dead-lettered.
@@ -89,8 +88,6 @@ _RESERVED_HEADERS = frozenset(
     | {CHUNK_ID_HEADER.lower()}
 )
 _TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-_INT_RE = re.compile(r"-?[0-9]+")
-_INT64_LIMIT = 1 << 63
 
 
 class _CorruptChunk(Exception):
@@ -290,11 +287,11 @@ class OtlpHttpUploader:
         elif status == 413:
             self._too_large(ctx, request, response)
         elif status in _CREDENTIALS:
-            what = f"HTTP {status} {response.reason}: {_excerpt(response)} (check otlp_http.headers)"
+            what = f"HTTP {status} {response.reason}: {explanation(response)} (check otlp_http.headers)"
             ctx.credentials_refused(what)
             await self._retry_later(ctx, what, parse_retry_after(response.headers.get("retry-after")))
         elif 400 <= status < 500 and status not in _RETRYABLE:
-            reason = f"HTTP {status} {response.reason} from {self._endpoint}: {_excerpt(response)}"
+            reason = f"HTTP {status} {response.reason} from {self._endpoint}: {explanation(response)}"
             self._note_error(reason)
             self._counters["rejected_chunks"] += ctx.reject(ids, reason)
         else:
@@ -304,7 +301,7 @@ class OtlpHttpUploader:
                 location = printable(response.headers.get("location", "?"), 200)
                 what += f" (redirect to {location} not followed: fix otlp_http.endpoint)"
             elif status >= 400 and response.body:
-                what += f": {_excerpt(response)}"
+                what += f": {explanation(response)}"
             await self._retry_later(ctx, what, retry_after)
 
     def _delivered(self, ctx: UploaderContext, request: _Request, response: Response) -> None:
@@ -344,7 +341,7 @@ class OtlpHttpUploader:
         if request.records <= 1:
             reason = (
                 f"HTTP 413 from {self._endpoint}: a single record of {request.raw_size} bytes is larger than the "
-                f"receiver accepts: {_excerpt(response)}"
+                f"receiver accepts: {explanation(response)}"
             )
             self._note_error(reason)
             self._counters["rejected_chunks"] += ctx.reject([c.id for c in request.chunks], reason)
@@ -645,69 +642,6 @@ class OtlpHttpUploader:
 # --- helpers (module level: pure, and tested on their own) -------------------------
 
 
-def parse_partial_success(body: bytes, content_type: str = "application/x-protobuf") -> tuple[int, str]:
-    """(rejected_log_records, error_message) from an ExportLogsServiceResponse
-    (protobuf, or JSON when the receiver answers JSON). (0, "") when absent or
-    unreadable: a 2xx is a delivery whatever its body. The count is an integer
-    in [0, 2**63) whatever the body says; the message is printable and short.
-    The caller bounds the count by the records it sent."""
-    if not body:
-        return 0, ""
-    try:
-        if "json" in content_type.lower():
-            rejected, message = _json_partial_success(json.loads(body))
-        else:
-            rejected, message = _protobuf_partial_success(body)
-    except (DecodeError, ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        log.warning("unreadable OTLP response body (%s); counting the request as fully accepted", printable(str(e)))
-        return 0, ""
-    if rejected is None:
-        log.warning("OTLP partial success with an unreadable rejected count; counting it as 0")
-        rejected = 0
-    elif not 0 <= rejected < _INT64_LIMIT:
-        log.warning("OTLP partial success with rejected count %s out of range; clamped", printable(str(rejected), 40))
-        rejected = min(max(rejected, 0), _INT64_LIMIT - 1)
-    return rejected, printable(message, _EXCERPT)
-
-
-def _json_partial_success(document: Any) -> tuple[int | None, str]:
-    partial = document.get("partialSuccess") if isinstance(document, dict) else None
-    if not isinstance(partial, dict):
-        return 0, ""
-    message = partial.get("errorMessage")
-    return _json_int(partial.get("rejectedLogRecords", 0)), message if isinstance(message, str) else ""
-
-
-def _json_int(value: Any) -> int | None:
-    """An int64 as OTLP/JSON writes it (a number or a decimal string); None for anything else.
-    Infinite or huge numbers come back huge (clamped by the caller), never as an exception."""
-    if value is None:
-        return 0
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float):
-        if math.isnan(value):
-            return None
-        return _INT64_LIMIT if math.isinf(value) and value > 0 else -1 if math.isinf(value) else int(value)
-    if isinstance(value, str) and _INT_RE.fullmatch(value):
-        return int(value) if len(value) <= 20 else _INT64_LIMIT * (-1 if value.startswith("-") else 1)
-    return None
-
-
-def _protobuf_partial_success(body: bytes) -> tuple[int, str]:
-    rejected, message = 0, ""
-    for field_no, wire, start, end in iter_fields(body):
-        if field_no == 1 and wire == 2:  # partial_success
-            for f, w, s, e in iter_fields(body, start, end):
-                if f == 1 and w == 0:
-                    rejected = e - (1 << 64) if e >= 1 << 63 else e
-                elif f == 2 and w == 2:
-                    message = body[s : min(e, s + 4 * _EXCERPT)].decode("utf-8", "replace")
-    return rejected, message
-
-
 def count_records(request: bytes) -> int:
     """LogRecords in an ExportLogsServiceRequest, without decoding them."""
     n = 0
@@ -717,23 +651,6 @@ def count_records(request: bytes) -> int:
                 if f2 == 2 and w2 == 2:
                     n += sum(1 for f3, w3, _, _ in iter_fields(request, s2, e2) if f3 == 2 and w3 == 2)
     return n
-
-
-def _excerpt(response: Response) -> str:
-    """The receiver's explanation: google.rpc.Status.message for a protobuf
-    body, else the start of the text."""
-    body = response.body
-    if not body:
-        return "(empty body)"
-    if "protobuf" in response.headers.get("content-type", ""):
-        try:
-            for f, w, s, e in iter_fields(body):
-                if f == 2 and w == 2:
-                    return printable(body[s:e].decode("utf-8", "replace"), _EXCERPT)
-        except DecodeError:
-            pass
-    text = body[:_EXCERPT].decode("utf-8", "replace")
-    return printable(" ".join(text.split()), _EXCERPT) or "(blank body)"
 
 
 def _describe(error: BaseException) -> str:
