@@ -270,6 +270,9 @@ def _status_lines(status: dict[str, Any]) -> list[str]:
     uploader = status.get("uploader") or {}
     if uploader:
         lines.append("uploader:  " + _fields(uploader))
+    mqtt = status.get("mqtt") or {}
+    if mqtt:
+        lines.append("mqtt:      " + _fields(mqtt))
     for name, src in sorted((status.get("sources") or {}).items()):
         lines.append(f"source {name}: " + _fields(src))
     counters = status.get("counters") or {}

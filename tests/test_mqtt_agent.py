@@ -5,13 +5,16 @@ PUBLISH and PUBACK loses nothing (the chunk is sent again, same chunk-id)."""
 from __future__ import annotations
 
 import json
+import re
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Broker, spool_records, wait_for
+from conftest import REPO, Broker, spool_records, wait_for
 from mqtt_helpers import BOOT_ID, Subscriber, line_numbers, line_text
 
 from edgeagent.config import SpoolConfig
@@ -207,5 +210,12 @@ def test_the_session_runs_for_fleet_config_when_logs_go_over_otlp(
     wait_for(lambda: online_messages(status) == 1, 30, what="the session's online status")
     wait_for(lambda: agent.status().get("mqtt", {}).get("connected"), 30, what="the session in status")
     assert agent.status()["uploader"]["protocol"] != "mqtt"
+    text = subprocess.run(
+        [sys.executable, "-m", "edgeagent", "status", "-c", str(agent.config_path)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    ).stdout
+    assert re.search(r"^mqtt: +.*connected=yes", text, re.MULTILINE), text  # shown to people too, not only in --json
     assert agent.stop() == 0
     wait_for(lambda: json.loads(status.received()[-1].payload).get("reason") == "shutdown", what="the goodbye")

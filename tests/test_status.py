@@ -59,5 +59,6 @@ def test_status_is_fresh_while_running_and_kept_after_a_stop(tmp_path: Path, mak
     assert re.search(r"as of \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC \(\d+s ago\)", text)
     assert "source files: " in text and "bytes_read=240" in text
     assert "uploader:  " in text and "acked_chunks=1" in text
+    assert "mqtt:" not in text  # logs over OTLP and no fleet: no MQTT session
     for python_repr in ("None", "True", "False", "{", "["):
         assert python_repr not in text, (python_repr, text)
