@@ -97,9 +97,14 @@ def build_components(config: Config) -> tuple[list[Source], Uploader | None]:
     from edgeagent.sources import build_sources
     from edgeagent.uploaders import build_uploader
 
-    if config.upload.to == "mqtt":
-        config_mod.check_mqtt_files(config)
+    check_files(config)
     return build_sources(config), build_uploader(config)
+
+
+def check_files(config: Config) -> None:
+    """What parsing cannot see: the files the config names can be used (raises ConfigError)."""
+    if config.needs_mqtt_session:
+        config_mod.check_mqtt_files(config)
 
 
 class Agent:
@@ -367,6 +372,7 @@ class Agent:
         from edgeagent.sources import build_sources
         from edgeagent.uploaders import build_uploader
 
+        check_files(new)
         old = self.config
         if new.state_dir != old.state_dir:
             log.error("state_dir cannot change while running (restart the agent); keeping %s", old.state_dir)

@@ -251,6 +251,11 @@ class Config:
     def spool_path(self) -> Path:
         return self.state_dir / "spool.db"
 
+    @property
+    def needs_mqtt_session(self) -> bool:
+        """The one place that says who needs the MQTT session: logs over MQTT, or fleet config."""
+        return self.upload.to == "mqtt" or self.fleet.enabled
+
     def to_dict(self, redact: bool = True) -> dict[str, Any]:
         """The effective configuration, as TOML-ready plain data; secret values
         are replaced by REDACTED unless `redact` is false."""

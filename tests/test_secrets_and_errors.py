@@ -177,3 +177,22 @@ def test_the_running_agent_keeps_a_token_out_of_logs_and_status(tmp_path: Path, 
     for output in (text.stdout, status.stdout, agent.stderr()):
         assert TOKEN not in output  # ... and never shown
     assert "invalid credentials" in agent.stderr()
+
+
+def test_a_reload_naming_an_unusable_mqtt_file_is_refused_whole(tmp_path: Path, make_agent, mosquitto) -> None:  # type: ignore[no-untyped-def]
+    """SIGHUP checks the files a new config names, as start-up and check-config do."""
+    import signal
+
+    base = 'state_dir = "{state_dir}"\ndevice_id = "dev"\n[kmsg]\nenabled = false\n[upload]\nto = "mqtt"\n'
+    agent = make_agent(base + f'[mqtt]\nurl = "{mosquitto.url}"\nfirst_connect_delay = "0s"\n')
+    agent.start()
+    agent.config_path.write_text(
+        base.replace("{state_dir}", str(agent.state_dir))
+        + f'[mqtt]\nurl = "mqtts://127.0.0.1:{mosquitto.port}"\nca_file = "{tmp_path / "missing.pem"}"\n'
+    )
+    agent.signal(signal.SIGHUP)
+    wait_for(lambda: "config" in agent.status().get("agent", {}).get("errors", {}), what="the refused reload")
+    error = agent.status()["agent"]["errors"]["config"]
+    assert f"{agent.config_path}:9: mqtt.ca_file = " in error and "a readable PEM file" in error, error
+    assert agent.status()["agent"]["state"] == "running"
+    assert agent.stop() == 0

@@ -30,8 +30,8 @@ _RESTART_MIN, _RESTART_MAX = 1.0, 60.0
 
 
 def session_needed(config: Config) -> bool:
-    """The one place that says who needs a session: logs over MQTT, or fleet config."""
-    return config.upload.to == "mqtt" or config.fleet.enabled
+    """Whether `config` needs a session (decided by `Config.needs_mqtt_session`)."""
+    return config.needs_mqtt_session
 
 
 class SessionKeeper:
