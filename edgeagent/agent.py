@@ -105,6 +105,15 @@ def check_files(config: Config) -> None:
     """What parsing cannot see: the files the config names can be used (raises ConfigError)."""
     if config.needs_mqtt_session:
         config_mod.check_mqtt_files(config)
+    if config.fleet.enabled and config.fleet.trusted_keys:
+        from edgeagent.fleet.envelope import EnvelopeError, Verifier
+
+        try:
+            Verifier(config.fleet.trusted_keys)
+        except EnvelopeError as e:  # unreadable, not a key, or PyNaCl missing
+            raise config_mod.error_at(
+                config, "fleet.trusted_keys", list(config.fleet.trusted_keys), f"usable Ed25519 public key files ({e})"
+            ) from None
 
 
 class Agent:

@@ -196,3 +196,15 @@ def test_a_reload_naming_an_unusable_mqtt_file_is_refused_whole(tmp_path: Path, 
     assert f"{agent.config_path}:9: mqtt.ca_file = " in error and "a readable PEM file" in error, error
     assert agent.status()["agent"]["state"] == "running"
     assert agent.stop() == 0
+
+
+@pytest.mark.parametrize("content", [None, "not base64 at all", "c2hvcnQ="])
+def test_unusable_fleet_trusted_keys_are_a_config_error(tmp_path: Path, content: str | None) -> None:
+    """A device that could never verify a signed config must not start as if it could."""
+    key = tmp_path / "operator.pub"
+    if content is not None:
+        key.write_text(content)
+    path = write(tmp_path, f'[fleet]\nenabled = true\ntrusted_keys = ["{key}"]\n')
+    out = edgeagent("check-config", "-c", str(path))
+    assert out.returncode == 2, out.stderr
+    assert f"{path}:7: fleet.trusted_keys = " in out.stderr and str(key) in out.stderr, out.stderr
