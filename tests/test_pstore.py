@@ -171,3 +171,30 @@ def test_missing_directory_is_not_an_error(tmp_path: Path) -> None:
     source = h.run()
     assert source.status()["state"] == "done" and source.status()["collected_files"] == 0
     h.close()
+
+
+def test_an_unreadable_pstore_directory_is_an_error_not_silence(tmp_path: Path) -> None:
+    """As an unprivileged user (the service's `edgeagent` user without CAP_DAC_READ_SEARCH), a 0700
+    pstore directory must raise, not look empty: the last boot's crash log would be missed silently."""
+    import subprocess
+    import sys
+
+    from edgeagent.sources.pstore import list_dumps
+
+    pstore = tmp_path / "pstore"
+    pstore.mkdir()
+    (pstore / "dmesg-ramoops-0").write_text("Panic#1 Part1\n<0>[ 1.0] oops\n")
+    pstore.chmod(0o700)
+    assert [p.name for p in list_dumps(pstore)] == ["dmesg-ramoops-0"]  # as root: readable
+    assert list_dumps(tmp_path / "absent") == []
+    code = (
+        f"from pathlib import Path; from edgeagent.sources.pstore import list_dumps; list_dumps(Path({str(pstore)!r}))"
+    )
+    as_nobody = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parent.parent,
+        timeout=60,
+    )
+    assert as_nobody.returncode != 0 and "PermissionError" in as_nobody.stderr, (as_nobody.stdout, as_nobody.stderr)

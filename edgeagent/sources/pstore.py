@@ -57,6 +57,21 @@ _LINE_RE = re.compile(rb"^(?:<(\d{1,3})>)?(?:\[\s*(\d+)\.(\d{1,9})\]\s?)?(.*)$",
 _DUMP_HEADER_RE = re.compile(rb"^(?:Panic|Oops|Emergency|Shutdown|Halt|Poweroff|Restart|Unknown)#\d+ Part\d+$")
 
 
+def list_dumps(directory: Path) -> list[Path]:
+    """The crash dumps in `directory`, sorted; none when it does not exist.
+    Raises OSError when it cannot be listed: `Path.glob` would swallow EACCES
+    (an agent without CAP_DAC_READ_SEARCH on a 0750 /sys/fs/pstore) and the
+    crash log of the last boot would be missed without a word."""
+    import fnmatch
+
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    paths = {directory / n for n in names if any(fnmatch.fnmatchcase(n, p) for p in PATTERNS)}
+    return sorted(p for p in paths if p.is_file())
+
+
 def file_identity(path: Path) -> str:
     """The position key of one pstore file. Backends reuse names after a
     clear (dmesg-ramoops-0 again), so the key also holds what tells two dumps apart."""
@@ -118,9 +133,10 @@ class PstoreSource:
     async def run(self, ctx: SourceContext) -> None:
         self._state = "running"
         try:
-            paths = sorted({p for pattern in PATTERNS for p in self.directory.glob(pattern) if p.is_file()})
+            paths = list_dumps(self.directory)
         except OSError as e:
-            self._fail(f"cannot list {self.directory}: {e.strerror or e}")
+            hint = " (reading pstore needs root or CAP_DAC_READ_SEARCH)" if isinstance(e, PermissionError) else ""
+            self._fail(f"cannot list {self.directory}: {e.strerror or e}{hint}")
             return
         collected = ctx.positions(POSITION_PREFIX)
         previous_boot = self._previous_boot_id(ctx)
