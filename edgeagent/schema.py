@@ -46,13 +46,21 @@ def _v1(db: sqlite_utils.Database) -> None:
             payload BLOB NOT NULL
         )"""
     )
-    db.table("positions").create({"key": str, "value": str, "updated_ns": int}, pk="key", not_null={"value"})
-    db.table("boots").create(
-        {"boot_id": str, "clock_offset_ns": int, "synced": int, "first_seen_ns": int, "updated_ns": int},
-        pk="boot_id",
+    # create_table_sql, not Table.create: sqlite-utils 3.x (Yocto scarthgap, the
+    # OpenWrt feed) commits inside create(), which ended the migration's
+    # transaction early and failed the first start ("cannot rollback").
+    db.execute(
+        db.create_table_sql("positions", {"key": str, "value": str, "updated_ns": int}, pk="key", not_null={"value"})
     )
-    db.table("counters").create({"name": str, "value": int}, pk="name", not_null={"value"})
-    db.table("status").create({"key": str, "value": str, "updated_ns": int}, pk="key")
+    db.execute(
+        db.create_table_sql(
+            "boots",
+            {"boot_id": str, "clock_offset_ns": int, "synced": int, "first_seen_ns": int, "updated_ns": int},
+            pk="boot_id",
+        )
+    )
+    db.execute(db.create_table_sql("counters", {"name": str, "value": int}, pk="name", not_null={"value"}))
+    db.execute(db.create_table_sql("status", {"key": str, "value": str, "updated_ns": int}, pk="key"))
 
 
 MIGRATIONS = {0: _v1}
