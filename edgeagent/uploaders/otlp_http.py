@@ -45,12 +45,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import zstandard
 
 from edgeagent import __version__
-from edgeagent.config import Config, ConfigError
+from edgeagent.config import Config, ConfigError, display_url, parse_url
 from edgeagent.otlp import DecodeError, iter_fields, split_request
 from edgeagent.pipeline import WAKE_DATA, UploaderContext
 from edgeagent.spool import StoredChunk
@@ -177,25 +176,17 @@ class OtlpHttpUploader:
         return ConfigError(f"{self._source}: otlp_http.{key} = {shown}: {problem}")
 
     def _parse_endpoint(self) -> tuple[str, str, int, str, str]:
-        url = self._endpoint
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise self._fail("endpoint", url, "expected an http:// or https:// URL with a host")
-        if parts.username is not None or parts.password is not None:
-            raise self._fail("endpoint", url, "credentials in the URL are not sent; put them in [otlp_http].headers")
-        try:
-            port = parts.port or (443 if parts.scheme == "https" else 80)
-        except ValueError:
-            raise self._fail("endpoint", url, "expected a port number between 0 and 65535") from None
+        try:  # config parsing checked it already; this only fails for configs built by hand
+            address = parse_url(self._endpoint, ("http", "https"), True)
+        except ValueError as e:
+            raise self._fail("endpoint", display_url(self._endpoint), f"expected {e}") from None
         # OTel convention: an endpoint without a path is a base URL for the logs signal.
-        path = parts.path or "/v1/logs"
-        if parts.query:
-            path += "?" + parts.query
-        host = parts.hostname
+        path = address.path if address.path.startswith("/") else "/v1/logs" + address.path
+        host = address.host
         host_header = f"[{host}]" if ":" in host else host
-        if parts.port is not None:
-            host_header += f":{port}"
-        return parts.scheme, host, port, path, host_header
+        if address.port != (443 if address.tls else 80):
+            host_header += f":{address.port}"
+        return address.scheme, host, address.port, path, host_header
 
     def _ssl_context(self) -> ssl.SSLContext:
         cfg = self._cfg
