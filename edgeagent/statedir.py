@@ -1,6 +1,6 @@
 """The state directory itself: its permissions and the run lock.
 
-Owns `state_dir` (the spool inside it belongs to `spool.py`):
+Owns `state_dir` (the spool inside it belongs to `edgeagent.spool`):
 - it is created mode 0700; every file the agent creates in it is 0600 (the
   agent runs with umask 077, the spool sets its own files' modes);
 - a `state_dir` that is a symlink, or (when running as root) writable by group

@@ -31,7 +31,7 @@ def test_the_migration_is_atomic_and_complete_with_sqlite_utils_3(tmp_path: Path
     spool = tmp_path / "spool.db"
     env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}
     out = subprocess.run(
-        [sys.executable, "-m", "edgeagent.schema", str(spool)], capture_output=True, text=True, cwd=REPO, env=env
+        [sys.executable, "-m", "edgeagent.spool.schema", str(spool)], capture_output=True, text=True, cwd=REPO, env=env
     )
     assert out.returncode == 0, (
         out.stderr

@@ -1,6 +1,6 @@
 """Spool schema creation and migrations (sqlite-utils).
 
-Run as `python -m edgeagent.schema SPOOL_PATH [--exclusive]` by the spool when
+Run as `python -m edgeagent.spool.schema SPOOL_PATH [--exclusive]` by the spool when
 its `user_version` is behind `SCHEMA_VERSION`, in a child process, so a running
 agent never carries sqlite-utils (and click, dateutil, pluggy) in RAM. Each
 migration step takes the spool from version N to N+1 inside one transaction; a

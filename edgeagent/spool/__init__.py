@@ -1,0 +1,46 @@
+"""The durable spool: the only code that touches SQLite.
+
+Owns `state_dir/spool.db`: chunks of compressed records waiting for upload,
+source positions, boots (clock offsets for time correction), counters, dead
+letters and the agent's status. One connection, used from one thread (the event
+loop's); every write is one `BEGIN IMMEDIATE` transaction. No other module
+imports `sqlite3` for the spool's file; everything goes through `Spool`.
+
+What it guarantees (design.md):
+- durability (1): `append()` stores chunks and the source positions they cover
+  in one transaction, synced before it returns with `durability = "full"`;
+  a chunk is deleted only by `ack()` (or moved to dead letters by `reject()`);
+- space (4): payload bytes stay under `max_size` or the filesystem's room,
+  evicting the least valuable chunks first and counting what was dropped;
+- losses (5): evictions, dead letters and salvage losses are counted, and the
+  spool's own losses are handed out by `take_losses()` to be shipped;
+- unavailable is not corrupt (6): disk full, EIO, read-only and locked raise
+  `SpoolUnavailable` (open) or `sqlite3.OperationalError` (append) with nothing
+  changed; acks and rejects never raise for a full disk. Only real corruption
+  moves the file aside, and what can be read from it is salvaged.
+
+Modules, bottom up:
+- `database`: connect, pragmas, schema version, quick_check, quarantine,
+  transactions, and the errors that tell corrupt from unavailable;
+- `schema`: the tables and their migrations (sqlite-utils, run in a child
+  process so the agent never imports it);
+- `salvage`: copying what can be read out of a quarantined file;
+- `opening`: `SpoolBase`, opening, run-time recovery and the reserve file;
+- `state`: positions, boots, counters and status;
+- `chunks`: `Spool`, the chunk queue (append, read, ack, reject, split, evict).
+"""
+
+from edgeagent.spool.chunks import Eviction, NewChunk, Spool, StoredChunk
+from edgeagent.spool.database import SCHEMA_VERSION, SpoolError, SpoolUnavailable, is_corruption, wal_limit_for
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Eviction",
+    "NewChunk",
+    "Spool",
+    "SpoolError",
+    "SpoolUnavailable",
+    "StoredChunk",
+    "is_corruption",
+    "wal_limit_for",
+]

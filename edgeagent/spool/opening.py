@@ -1,0 +1,222 @@
+"""Opening, recovering and closing the spool file, and the reserve file.
+
+`SpoolBase` holds the one connection (used from one thread, the event loop's)
+and what every part of the spool shares: `_write()` opens one `BEGIN
+IMMEDIATE` transaction, synced or not. `open()` creates, migrates and checks
+the file; only a corrupt one is moved aside and salvaged, at open and when
+corruption shows up while the agent runs (`_recover`).
+
+The reserve: a preallocated 256 KiB `spool.db.reserve` is kept next to the
+spool while the disk has room, and released on a full disk so that deletions
+(acks, rejects) can still commit: deleting is how space comes back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Self
+
+from edgeagent.spool.database import (
+    _DIR_MODE,
+    _FILE_MODE,
+    _VACUUM_SLACK,
+    SCHEMA_VERSION,
+    SpoolError,
+    SpoolUnavailable,
+    _connect,
+    _quarantine,
+    _secure_files,
+    _Txn,
+    is_corruption,
+    log,
+)
+from edgeagent.spool.salvage import _salvage_pending
+
+_RESERVE_BYTES = 256 * 1024  # released on a full disk so that deletes (acks) can still commit
+
+
+class SpoolBase:
+    """The open spool file; `Spool` adds the tables. Create with `Spool.open()`."""
+
+    def __init__(
+        self, conn: sqlite3.Connection, path: Path, max_size: int, durability: str, journal: str, dead_letters_max: int
+    ) -> None:
+        self._conn = conn
+        self.path = path
+        self.max_size = max_size
+        self.durability = durability
+        self.journal = journal
+        self.dead_letters_max = dead_letters_max
+        self._synchronous = "FULL" if durability == "full" else "NORMAL"
+        self._journal_requested = journal
+        self.events: list[str] = []  # what happened at open (quarantine, salvage), for the log
+        self._losses: list[tuple[str, dict[str, Any]]] = []  # loss records to ship (guarantee 5)
+        # Outcomes the uploader reported that could not be written yet (disk full):
+        # retried before every write, and those chunks are not handed out again.
+        self._unrecorded_acks: set[int] = set()
+        self._unrecorded_rejects: dict[int, str] = {}
+        self._unrecorded_counters: dict[str, int] = {}
+        self._reserve = Path(str(path) + ".reserve")
+        row = conn.execute("SELECT COALESCE(SUM(length(payload)), 0), COUNT(*) FROM chunks").fetchone()
+        self._payload_bytes: int = row[0]
+        self._chunk_count: int = row[1]
+
+    # --- opening ------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        path: Path,
+        *,
+        max_size: int = 64 * 1024**2,
+        durability: str = "full",
+        journal: str = "auto",
+        dead_letters_max: int = 4 * 1024**2,
+    ) -> Self:
+        """Open (create, migrate, check) the spool. Raises SpoolUnavailable when
+        the disk or file cannot be used now (the files are left as they were),
+        SpoolError when it never will be. Only a corrupt file is moved aside."""
+        path = Path(path)
+        try:
+            path.parent.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
+        except OSError as e:
+            raise SpoolError(f"cannot create state dir {path.parent}: {e.strerror}") from None
+        if not os.access(path.parent, os.W_OK):
+            reason = "read-only file system" if os.statvfs(path.parent).f_flag & os.ST_RDONLY else "permission denied"
+            raise SpoolUnavailable(
+                f"spool {path} is unavailable: state dir {path.parent} is not writable ({reason}; "
+                "run as a user that owns it)"
+            )
+        events: list[str] = []
+        try:
+            _secure_files(path)
+            try:
+                conn, mode = _connect(path, durability, journal, max_size)
+            except sqlite3.Error as e:
+                if not is_corruption(e):
+                    raise
+                events.append(_quarantine(path, str(e)))
+                conn, mode = _connect(path, durability, journal, max_size)
+            try:
+                losses = _salvage_pending(path, conn)
+            except BaseException:
+                conn.close()
+                raise
+        except sqlite3.Error as e:
+            raise SpoolUnavailable(f"spool {path} is unavailable: {e}") from None
+        except OSError as e:
+            raise SpoolUnavailable(f"spool {path} is unavailable: {e.strerror or e}") from None
+        spool = cls(conn, path, max_size, durability, mode, dead_letters_max)
+        spool._journal_requested = journal
+        spool.events = events + [text for text, _ in losses]
+        spool._losses = losses
+        spool._ensure_reserve()
+        return spool
+
+    @classmethod
+    def open_readonly(cls, path: Path) -> Self | None:
+        """The spool of a running (or stopped) agent, for `status` and `spool
+        dump`; None when there is no spool yet."""
+        path = Path(path)
+        if not path.exists():
+            return None
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=5.0)
+        conn.execute("PRAGMA busy_timeout = 5000")
+        if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+            conn.close()
+            return None
+        return cls(conn, path, 0, "full", "readonly", 0)
+
+    def take_losses(self) -> list[tuple[str, dict[str, Any]]]:
+        """Loss records (text, attributes) about the spool itself to ship:
+        quarantines and what their salvage could not recover."""
+        losses, self._losses = self._losses, []
+        return losses
+
+    # --- the reserve: room for deletes on a full disk ---------------------------------
+
+    def _ensure_reserve(self) -> None:
+        """Keep a small preallocated file next to the spool while the disk has
+        room. On a full disk it is released so that acknowledged chunks can
+        still be deleted: deleting is how space comes back."""
+        if self.journal == "readonly" or self._reserve.exists():
+            return
+        try:
+            st = os.statvfs(self.path.parent)
+            if st.f_bavail * st.f_frsize < 8 * _RESERVE_BYTES:
+                return
+            fd = os.open(self._reserve, os.O_WRONLY | os.O_CREAT, _FILE_MODE)
+            try:
+                os.posix_fallocate(fd, 0, _RESERVE_BYTES)
+            finally:
+                os.close(fd)
+        except OSError:
+            self._reserve.unlink(missing_ok=True)
+
+    def _release_reserve(self) -> bool:
+        try:
+            self._reserve.unlink()
+        except OSError:
+            return False
+        log.warning(
+            "disk full under %s: released the %d byte reserve to record deletions", self.path.parent, _RESERVE_BYTES
+        )
+        return True
+
+    # --- transactions -------------------------------------------------------------
+
+    def _write(self, synced: bool) -> _Txn:
+        return _Txn(self._conn, self._synchronous if synced else "NORMAL")
+
+    def _recover(self, reason: str) -> None:
+        self._conn.close()
+        self.events = [_quarantine(self.path, reason)]
+        self._conn, self.journal = _connect(self.path, self.durability, self._journal_requested, self.max_size)
+        losses = _salvage_pending(self.path, self._conn)
+        self.events += [text for text, _ in losses]
+        self._losses += losses
+        self._unrecorded_acks.clear()  # the salvage copied what was in the file; ids are the same
+        self._unrecorded_rejects.clear()
+        row = self._conn.execute("SELECT COALESCE(SUM(length(payload)), 0), COUNT(*) FROM chunks").fetchone()
+        self._payload_bytes, self._chunk_count = row
+        for event in self.events:
+            log.error("%s", event)
+
+    def _retrying_full(self, write: Callable[[], None]) -> None:
+        """Run `write`; on a full disk release the reserve (and let SQLite
+        checkpoint into it) and try once more."""
+        try:
+            write()
+        except sqlite3.OperationalError:
+            if not self._release_reserve():
+                raise
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            write()
+
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database and truncate it (when idle or stopping)."""
+        if self.journal in ("wal", "exclusive"):
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+
+    def _vacuum(self) -> None:
+        page_size, free = self._conn.execute(
+            "SELECT page_size, freelist_count FROM pragma_page_size, pragma_freelist_count"
+        ).fetchone()
+        slack = min(_VACUUM_SLACK, self.max_size // 16)
+        if free * page_size > slack:
+            keep = slack // 2 // page_size
+            self._conn.execute(f"PRAGMA incremental_vacuum({free - keep})").fetchall()
+
+    def file_sizes(self) -> dict[str, int]:
+        sizes = {}
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                sizes["db" + suffix] = os.stat(str(self.path) + suffix).st_size
+            except FileNotFoundError:
+                pass
+        return sizes
