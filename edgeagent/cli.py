@@ -18,15 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from edgeagent import __version__
+from edgeagent.errors import CliError
 
 EXIT_CONFIG = 2
 EXIT_RUNTIME = 1
-
-
-class CliError(Exception):
-    def __init__(self, message: str, code: int = EXIT_RUNTIME) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def _parser() -> argparse.ArgumentParser:

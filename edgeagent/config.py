@@ -20,14 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgeagent.errors import ConfigError
 from edgeagent.records import SYSLOG_LEVEL_NAMES
 
 DEFAULT_CONFIG_PATH = Path("/etc/edgeagent/edgeagent.toml")
 DEFAULT_STATE_DIR = Path("/var/lib/edgeagent")
-
-
-class ConfigError(Exception):
-    """A configuration problem, worded for the person who wrote the file."""
 
 
 # --- value kinds ----------------------------------------------------------------

@@ -21,6 +21,7 @@ import struct
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from edgeagent.errors import DecodeError
 from edgeagent.records import AttrValue, Batch, Record
 
 _pack_q = struct.Struct("<Q").pack
@@ -192,10 +193,6 @@ def _encode_lines(lines: list[bytes], common: bytes, out: list[bytes]) -> None:
 
 
 # --- decoding -----------------------------------------------------------------
-
-
-class DecodeError(ValueError):
-    pass
 
 
 def _read_varint(buf: bytes | bytearray | memoryview, pos: int) -> tuple[int, int]:

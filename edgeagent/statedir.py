@@ -24,19 +24,11 @@ import os
 import stat
 from pathlib import Path
 
-from edgeagent.config import ConfigError
+from edgeagent.errors import AlreadyRunning, StateDirError
 
 LOCK_NAME = "edgeagent.lock"
 _NOTE_ROOM = 512  # the lock file is written this long at once, so notes fit on a full disk
 _RAM_FILESYSTEMS = ("tmpfs", "ramfs")
-
-
-class StateDirError(ConfigError):
-    """The state dir cannot be used safely (exit 2, like a config error)."""
-
-
-class AlreadyRunning(Exception):
-    """Another agent holds the run lock of this state dir."""
 
 
 def prepare(state_dir: Path) -> list[str]:

@@ -29,13 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgeagent.errors import EnvelopeError
+
 MAX_ENVELOPE_BYTES = 64 * 1024
 FORMAT = 1
 _SCOPE_RE = re.compile(r"^(device|group):[^#+\x00/]+$")
-
-
-class EnvelopeError(Exception):
-    """The payload is not an acceptable desired config; the text says why."""
 
 
 @dataclass(frozen=True)

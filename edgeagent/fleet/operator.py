@@ -30,14 +30,11 @@ from paho.mqtt.client import Client, MQTTMessage
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from edgeagent.config import ConfigError, FleetConfig, loads
+from edgeagent.errors import OperatorError
 from edgeagent.fleet.envelope import Envelope, EnvelopeError, decode, generate_keypair, sign
 
 TERMINAL = ("applied", "rejected", "failed", "rolled_back")
 RETAINED_QUIET = 0.5  # retained messages arrive right after SUBACK; this much silence ends them
-
-
-class OperatorError(Exception):
-    pass
 
 
 @dataclass(frozen=True)

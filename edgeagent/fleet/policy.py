@@ -22,6 +22,7 @@ import os
 from typing import Any
 
 from edgeagent.config import SECTION_TYPES, Config, FleetConfig
+from edgeagent.errors import PolicyError
 
 NEVER = frozenset(
     {
@@ -48,14 +49,6 @@ NEVER = frozenset(
 EXPLICIT_ONLY = frozenset({"mqtt.url", "otlp_http.endpoint"})
 _SECRET_WORDS = ("password", "secret", "token", "credential", "private")
 _GLOB_CHARS = frozenset("*?[")
-
-
-class PolicyError(Exception):
-    """The remote layer breaks the local policy; `key` is the first offending key."""
-
-    def __init__(self, key: str, value: Any, why: str) -> None:
-        super().__init__(f"{key} = {value!r}: {why}")
-        self.key = key
 
 
 def check(layer: dict[str, Any], fleet: FleetConfig) -> None:

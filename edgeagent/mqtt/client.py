@@ -31,6 +31,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edgeagent.config import Config
+from edgeagent.errors import PacketTooLarge
 
 log = logging.getLogger("edgeagent.mqtt")
 
@@ -110,10 +111,6 @@ def connection_key(config: Config) -> tuple[Any, ...]:
         m.key_file,
         m.tls_insecure,
     )
-
-
-class PacketTooLarge(ConnectionAbortedError):
-    """The broker sent a packet larger than the Maximum Packet Size we declared."""
 
 
 class BoundedClient(Client):

@@ -34,21 +34,12 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edgeagent.config import Config
+from edgeagent.errors import ConnectFailed
 from edgeagent.mqtt import client as mqttc
 
 log = logging.getLogger("edgeagent.mqtt")
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-class ConnectFailed(Exception):
-    """A connection attempt that did not end in an accepted CONNACK (the message
-    is for status); `slow_down` is the minimum wait the broker asked for."""
-
-    def __init__(self, message: str, slow_down: float | None = None, properties: Properties | None = None) -> None:
-        super().__init__(message)
-        self.slow_down = slow_down
-        self.properties = properties
 
 
 @dataclass

@@ -44,6 +44,7 @@ from typing import Any, Protocol
 
 from edgeagent.clock import monotonic_ns
 from edgeagent.config import Config
+from edgeagent.errors import MalformedRecord
 from edgeagent.pipeline import SourceContext
 from edgeagent.records import SEVERITY_WARN, Attributes, Batch, Record, syslog_severity
 
@@ -109,10 +110,6 @@ _GAP_WHEN = {
 }
 
 _ESCAPE_RE = re.compile(rb"\\x([0-9a-fA-F]{2})")
-
-
-class MalformedRecord(ValueError):
-    """A kmsg record that does not follow the documented format."""
 
 
 def _unescape(raw: bytes) -> str:

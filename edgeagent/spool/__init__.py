@@ -30,8 +30,9 @@ Modules, bottom up:
 - `chunks`: `Spool`, the chunk queue (append, read, ack, reject, split, evict).
 """
 
+from edgeagent.errors import SpoolError, SpoolUnavailable
 from edgeagent.spool.chunks import Eviction, NewChunk, Spool, StoredChunk
-from edgeagent.spool.database import SCHEMA_VERSION, SpoolError, SpoolUnavailable, is_corruption, wal_limit_for
+from edgeagent.spool.database import SCHEMA_VERSION, is_corruption, wal_limit_for
 
 __all__ = [
     "SCHEMA_VERSION",

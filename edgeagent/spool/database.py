@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from edgeagent.errors import SpoolError
 from edgeagent.statedir import filesystem_type
 
 log = logging.getLogger("edgeagent.spool")
@@ -41,16 +42,6 @@ _FILE_MODE, _DIR_MODE = 0o600, 0o700
 _CHUNK_COLUMNS = (
     "id, chunk_id, created_ns, boot_id, clock_offset_ns, clock_synced, records, raw_bytes, max_severity, payload, crc32"
 )
-
-
-class SpoolError(Exception):
-    """The spool cannot be used (newer schema, unwritable state dir)."""
-
-
-class SpoolUnavailable(SpoolError):
-    """The spool cannot be opened or written right now (disk full, I/O error,
-    read-only file system, permission, locked). Nothing was changed: wait and
-    retry. Never a reason to quarantine."""
 
 
 class _Corrupt(sqlite3.DatabaseError):

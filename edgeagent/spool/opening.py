@@ -20,13 +20,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Self
 
+from edgeagent.errors import SpoolError, SpoolUnavailable
 from edgeagent.spool.database import (
     _DIR_MODE,
     _FILE_MODE,
     _VACUUM_SLACK,
     SCHEMA_VERSION,
-    SpoolError,
-    SpoolUnavailable,
     _connect,
     _quarantine,
     _secure_files,

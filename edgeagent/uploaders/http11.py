@@ -31,6 +31,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC
 
+from edgeagent.errors import ProtocolError
+
 log = logging.getLogger(__name__)
 
 MAX_LINE = 8 * 1024  # status line, each header line, each chunk-size line
@@ -46,10 +48,6 @@ _TOKEN_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _DIGITS_RE = re.compile(r"[0-9]{1,18}")
 _ASCII_DIGITS_RE = re.compile(r"[0-9]+")
 _CHUNK_SIZE_RE = re.compile(rb"([0-9A-Fa-f]{1,15})[ \t]*(?:;[^\r\n]*)?\r?\n")
-
-
-class ProtocolError(Exception):
-    """The server's answer is not HTTP/1.x as we understand it, or exceeds a bound."""
 
 
 @dataclass(slots=True)
