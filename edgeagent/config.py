@@ -88,8 +88,11 @@ def _choice(*choices: str) -> dict[str, Any]:
     return {"kind": "choice", "choices": choices}
 
 
-# A secret's value never appears in output: check-config, errors, logs, status.
-SECRET = {"secret": True}
+# Never settable by remote (fleet) config, whatever `[fleet] allow` says: the device's identity and state,
+# what it executes or opens as a device, its TLS material and its credentials (docs/fleet.md).
+LOCAL_ONLY = {"local_only": True}
+# A secret's value never appears in output: check-config, errors, logs, status. Secrets are local-only too.
+SECRET = {"secret": True, "local_only": True}
 REDACTED = "<redacted>"
 
 DURATION = {"kind": "duration"}
@@ -105,9 +108,9 @@ REGEX = {"kind": "regex"}
 class KmsgConfig:
     enabled: bool = True
     min_priority: int = field(default=6, metadata=PRIORITY)  # info
-    path: str = "/dev/kmsg"
+    path: str = field(default="/dev/kmsg", metadata=LOCAL_ONLY)
     pstore: bool = True
-    pstore_dir: str = "/sys/fs/pstore"
+    pstore_dir: str = field(default="/sys/fs/pstore", metadata=LOCAL_ONLY)
     pstore_clear: bool = False
 
 
@@ -148,7 +151,7 @@ class JournaldConfig:
     system_only: bool = False  # only the system journal, not the users' journals
     start_at: str = field(default="beginning", metadata=_choice("beginning", "end"))  # with no stored cursor
     max_message_size: int = field(default=64 * 1024, metadata=SIZE)  # longer fields are cut and marked
-    journalctl: str = "journalctl"
+    journalctl: str = field(default="journalctl", metadata=LOCAL_ONLY)  # a program the agent runs
 
 
 @dataclass(frozen=True)
@@ -177,19 +180,19 @@ class MqttConfig:
     url: str = "mqtt://127.0.0.1:1883"
     topic: str = "edgeagent/{device_id}/logs"
     status_topic: str = "edgeagent/{device_id}/status"
-    client_id: str = ""  # default: device_id
-    username: str = ""
+    client_id: str = field(default="", metadata=LOCAL_ONLY)  # default: device_id
+    username: str = field(default="", metadata=LOCAL_ONLY)
     password: str = field(default="", metadata=SECRET)
-    password_file: str = ""  # its content is a secret too (see secret_values)
+    password_file: str = field(default="", metadata=LOCAL_ONLY)  # its content is a secret too (see secret_values)
     protocol: str = field(default="5", metadata=_choice("5", "3.1.1"))
     keepalive: float = field(default=60.0, metadata=DURATION)
     connect_timeout: float = field(default=10.0, metadata=DURATION)
     ack_timeout: float = field(default=120.0, metadata=DURATION)  # no PUBACK and nothing written: reconnect
     first_connect_delay: float = field(default=3.0, metadata=DURATION)  # random wait up to this before the first
-    ca_file: str = ""
-    cert_file: str = ""
-    key_file: str = ""
-    tls_insecure: bool = False
+    ca_file: str = field(default="", metadata=LOCAL_ONLY)
+    cert_file: str = field(default="", metadata=LOCAL_ONLY)
+    key_file: str = field(default="", metadata=LOCAL_ONLY)
+    tls_insecure: bool = field(default=False, metadata=LOCAL_ONLY)
 
 
 @dataclass(frozen=True)
@@ -200,10 +203,10 @@ class OtlpHttpConfig:
     timeout: float = field(default=30.0, metadata=DURATION)
     connect_timeout: float = field(default=10.0, metadata=DURATION)
     max_request_size: int = field(default=4 * 1024**2, metadata=SIZE)
-    ca_file: str = ""
-    cert_file: str = ""
-    key_file: str = ""
-    tls_insecure: bool = False
+    ca_file: str = field(default="", metadata=LOCAL_ONLY)
+    cert_file: str = field(default="", metadata=LOCAL_ONLY)
+    key_file: str = field(default="", metadata=LOCAL_ONLY)
+    tls_insecure: bool = field(default=False, metadata=LOCAL_ONLY)
 
 
 DEFAULT_FLEET_ALLOW = ("log_level", "kmsg", "files", "spool.flush_interval", "upload.max_rate")
@@ -227,8 +230,8 @@ class FleetConfig:
 
 @dataclass(frozen=True)
 class Config:
-    device_id: str = ""
-    state_dir: Path = DEFAULT_STATE_DIR
+    device_id: str = field(default="", metadata=LOCAL_ONLY)
+    state_dir: Path = field(default=DEFAULT_STATE_DIR, metadata=LOCAL_ONLY)
     log_level: str = field(default="info", metadata=_choice("debug", "info", "warning", "error"))
     # "journal": `<N>` priority prefix, no timestamp (systemd); "auto": journal when stderr is the journal
     log_format: str = field(default="auto", metadata=_choice("auto", "journal", "plain"))
@@ -241,7 +244,7 @@ class Config:
     upload: UploadConfig = field(default_factory=UploadConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     otlp_http: OtlpHttpConfig = field(default_factory=OtlpHttpConfig)
-    fleet: FleetConfig = field(default_factory=FleetConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig, metadata=LOCAL_ONLY)
     source_path: str = field(default="", metadata={"internal": True})
 
     @property
@@ -288,6 +291,18 @@ SECTION_TYPES: dict[str, type] = {
     "otlp_http": OtlpHttpConfig,
     "fleet": FleetConfig,
 }
+
+
+def _keys_marked(flag: str) -> frozenset[str]:
+    """Dotted names ("mqtt.password", "state_dir") of the config keys whose metadata sets `flag`."""
+    keys = {f.name for f in dataclasses.fields(Config) if f.metadata.get(flag)}
+    for section, cls in SECTION_TYPES.items():
+        keys.update(f"{section}.{f.name}" for f in dataclasses.fields(cls) if f.metadata.get(flag))
+    return frozenset(keys)
+
+
+SECRET_KEYS = _keys_marked("secret")
+LOCAL_ONLY_KEYS = _keys_marked("local_only")
 
 
 def secret_values(config: Config) -> set[str]:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from edgeagent import config as config_module
 from edgeagent.config import ConfigError, FleetConfig, loads
 from edgeagent.fleet import envelope as env_mod
 from edgeagent.fleet import layers, policy, report
@@ -124,11 +125,12 @@ def test_policy_allows_the_defaults() -> None:
         ('[mqtt]\nusername = "u"', "mqtt.username"),
         ('[otlp_http.headers]\nAuthorization = "Bearer x"', "otlp_http.headers"),
         ('[kmsg]\npath = "/etc/shadow"', "kmsg.path"),
+        ('[journald]\njournalctl = "/bin/sh"', "journald.journalctl"),
     ],
 )
 def test_policy_never_settable_even_when_allowed(layer: str, key: str) -> None:
     with pytest.raises(policy.PolicyError, match="never settable") as e:
-        _policy(layer, allow=("state_dir", "device_id", "fleet", "mqtt", "otlp_http", "kmsg"))
+        _policy(layer, allow=("state_dir", "device_id", "fleet", "mqtt", "otlp_http", "kmsg", "journald"))
     assert e.value.key == key
     assert "hunter2" not in str(e.value) and "Bearer" not in str(e.value)
 
@@ -302,3 +304,13 @@ def test_fleet_section_defaults_and_validation(tmp_path: Path) -> None:
     from edgeagent.config import load
 
     assert load(conf).fleet.trusted_keys == (os.path.join(tmp_path, "keys/op.pub"),)
+
+
+def test_what_remote_config_may_never_set_is_read_from_the_config_fields_metadata() -> None:
+    # Said once, where each key is defined: a SECRET field is local-only without being listed anywhere else.
+    assert {"mqtt.password", "otlp_http.headers"} == config_module.SECRET_KEYS
+    assert config_module.SECRET_KEYS <= policy.NEVER
+    tls = {f"{s}.{k}" for s in ("mqtt", "otlp_http") for k in ("ca_file", "cert_file", "key_file", "tls_insecure")}
+    identity = {"state_dir", "device_id", "fleet", "mqtt.client_id", "mqtt.username", "mqtt.password_file"}
+    programs_and_devices = {"kmsg.path", "kmsg.pstore_dir", "journald.journalctl"}
+    assert tls | identity | programs_and_devices | config_module.SECRET_KEYS == policy.NEVER

@@ -21,33 +21,12 @@ import glob
 import os
 from typing import Any
 
-from edgeagent.config import SECTION_TYPES, Config, FleetConfig
+from edgeagent.config import LOCAL_ONLY_KEYS, REDACTED, SECRET_KEYS, SECTION_TYPES, Config, FleetConfig
 from edgeagent.errors import PolicyError
 
-NEVER = frozenset(
-    {
-        "state_dir",
-        "device_id",
-        "fleet",
-        "kmsg.path",
-        "kmsg.pstore_dir",
-        "mqtt.client_id",
-        "mqtt.username",
-        "mqtt.password",
-        "mqtt.password_file",
-        "mqtt.ca_file",
-        "mqtt.cert_file",
-        "mqtt.key_file",
-        "mqtt.tls_insecure",
-        "otlp_http.headers",
-        "otlp_http.ca_file",
-        "otlp_http.cert_file",
-        "otlp_http.key_file",
-        "otlp_http.tls_insecure",
-    }
-)
+# Which keys are local-only is said once, where each key is defined (config.LOCAL_ONLY and SECRET metadata).
+NEVER = LOCAL_ONLY_KEYS
 EXPLICIT_ONLY = frozenset({"mqtt.url", "otlp_http.endpoint"})
-_SECRET_WORDS = ("password", "secret", "token", "credential", "private")
 _GLOB_CHARS = frozenset("*?[")
 
 
@@ -66,8 +45,7 @@ def check(layer: dict[str, Any], fleet: FleetConfig) -> None:
 
 def _check_key(key: str, value: Any, allow: set[str]) -> None:
     section = key.partition(".")[0]
-    leaf = key.rpartition(".")[2]
-    if key in NEVER or section in NEVER or any(word in leaf for word in _SECRET_WORDS):
+    if key in NEVER or section in NEVER:
         raise PolicyError(key, _shown(key, value), "never settable by remote config")
     if key in EXPLICIT_ONLY:
         if key not in allow:
@@ -79,7 +57,7 @@ def _check_key(key: str, value: Any, allow: set[str]) -> None:
 
 def _shown(key: str, value: Any) -> Any:
     """Never echo what could be a secret back into a status report."""
-    return "<redacted>" if isinstance(value, (str, dict)) and ("password" in key or "headers" in key) else value
+    return REDACTED if key in SECRET_KEYS and value else value
 
 
 def _check_files(value: Any, fleet: FleetConfig) -> None:
