@@ -231,6 +231,31 @@ def make_agent(tmp_path: Path) -> Iterator[Any]:
             agent.kill()
 
 
+def _closed_after_the_test() -> Iterator[list[Any]]:
+    running: list[Any] = []
+    yield running
+    for item in running:
+        item.close()
+
+
+@pytest.fixture
+def harnesses() -> Iterator[list[Any]]:
+    """In-process session/uploader harnesses (mqtt_helpers.UploaderHarness) a test starts; closed after it."""
+    yield from _closed_after_the_test()
+
+
+@pytest.fixture
+def subscribers() -> Iterator[list[Any]]:
+    """MQTT subscribers (mqtt_helpers.Subscriber) a test starts; closed after it."""
+    yield from _closed_after_the_test()
+
+
+@pytest.fixture
+def raw_brokers() -> Iterator[list[Any]]:
+    """Scripted brokers (mqtt_helpers.RawBroker) a test starts; closed after it."""
+    yield from _closed_after_the_test()
+
+
 def spool_records(state_dir: Path) -> list[dict[str, Any]]:
     """Every record still in the spool at `state_dir`, oldest first, decoded."""
     import zstandard

@@ -57,14 +57,7 @@ def test_commit_failure_pauses_sources_and_loses_nothing(small_disk: Path) -> No
     fail: records stay pending, the source is paused, and once space is back
     everything is committed with its position."""
     spool = Spool.open(small_disk / "spool.db", max_size=64 * 1024 * 1024)
-    filler = small_disk / "filler"
-    with open(filler, "wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-        except OSError:
-            pass
+    filler = fill(small_disk)
     config = SpoolConfig(chunk_max_records=500, flush_interval=0.05)
 
     async def scenario() -> tuple[bool, int]:

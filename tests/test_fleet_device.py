@@ -27,6 +27,7 @@ to = "mqtt"
 [mqtt]
 url = "{url}"
 first_connect_delay = "0s"
+{mqtt_extra}
 [spool]
 flush_interval = "100ms"
 [[files]]
@@ -34,20 +35,37 @@ include = ["{log}"]
 start_at = "beginning"
 [fleet]
 enabled = true
-groups = ["berlin"]
+groups = {groups}
 allow = ["log_level", "kmsg", "files", "spool.flush_interval", "upload.max_rate", "mqtt.url"]
 probation = "{probation}"
 {extra}
 """
 
 
-def agent_config(broker: Broker, tmp_path: Path, device: str = "gw-1", probation: str = "20s", extra: str = "") -> str:
+def agent_config(
+    broker: Broker,
+    tmp_path: Path,
+    device: str = "gw-1",
+    probation: str = "20s",
+    extra: str = "",
+    groups: tuple[str, ...] = ("berlin",),
+    mqtt_extra: str = "",
+) -> str:
+    """An agent with fleet config on, tailing its own `DEVICE.log` in `tmp_path` into `broker`."""
     log = tmp_path / f"{device}.log"
     log.touch()
-    return CONFIG.format(device=device, url=broker.url, log=log, probation=probation, extra=extra)
+    return CONFIG.format(
+        device=device,
+        url=broker.url,
+        log=log,
+        probation=probation,
+        extra=extra,
+        groups=json.dumps(list(groups)),
+        mqtt_extra=mqtt_extra,
+    )
 
 
-def fleet_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def fleet_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "edgeagent", "fleet", *args], capture_output=True, text=True, cwd=REPO, timeout=timeout
     )

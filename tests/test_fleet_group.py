@@ -7,14 +7,14 @@ from __future__ import annotations
 import collections
 import json
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, AgentProcess, Broker, free_port, wait_for
+from conftest import AgentProcess, Broker, free_port, wait_for
+from test_fleet_device import agent_config, fleet_cli
 
 from edgeagent.fleet.envelope import Envelope
 from edgeagent.fleet.operator import BrokerOptions, Connection
@@ -30,29 +30,6 @@ pattern write edgeagent/%u/status
 pattern read edgeagent/group/fleet-test/config/desired
 """
 
-CONFIG = """
-device_id = "{device}"
-state_dir = "{{state_dir}}"
-[kmsg]
-enabled = false
-[upload]
-to = "mqtt"
-[mqtt]
-url = "{url}"
-first_connect_delay = "0s"
-username = "{device}"
-[spool]
-flush_interval = "100ms"
-[[files]]
-include = ["{log}"]
-start_at = "beginning"
-[fleet]
-enabled = true
-groups = ["fleet-test"]
-allow = ["log_level", "kmsg", "files", "spool.flush_interval", "upload.max_rate", "mqtt.url"]
-probation = "{probation}"
-"""
-
 
 @pytest.fixture
 def acl_broker(tmp_path: Path) -> Iterator[Broker]:
@@ -63,12 +40,6 @@ def acl_broker(tmp_path: Path) -> Iterator[Broker]:
     broker.start()
     yield broker
     broker.stop()
-
-
-def fleet_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "edgeagent", "fleet", *args], capture_output=True, text=True, cwd=REPO, timeout=timeout
-    )
 
 
 def reports(broker: Broker) -> dict[str, dict[str, Any]]:
@@ -93,9 +64,9 @@ def run_fleet(acl_broker: Broker, make_agent: Any, tmp_path: Path, count: int) -
     devices = [f"fleet-{i:02d}" for i in range(count)]
     agents: list[AgentProcess] = []
     for device in devices:
-        log = tmp_path / f"{device}.log"
-        log.touch()
-        text = CONFIG.format(device=device, url=acl_broker.url, log=log, probation="5s")
+        text = agent_config(
+            acl_broker, tmp_path, device, probation="5s", groups=("fleet-test",), mqtt_extra=f'username = "{device}"'
+        )
         agents.append(make_agent(text, name=device))
     for agent in agents:
         agent.start(wait_ready=False)

@@ -9,11 +9,9 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from conftest import REPO, Broker, spool_records, wait_for
 from mqtt_helpers import BOOT_ID, Subscriber, line_numbers, line_text
 
@@ -49,14 +47,6 @@ url = "{broker.url}"
 connect_timeout = "3s"
 first_connect_delay = "0s"
 """
-
-
-@pytest.fixture
-def subscribers() -> Iterator[list[Subscriber]]:
-    running: list[Subscriber] = []
-    yield running
-    for subscriber in running:
-        subscriber.close()
 
 
 def uploader_status(agent: Any) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,22 +36,6 @@ from edgeagent.mqtt import IncomingMessage, MqttSession, session_needed
 from edgeagent.mqtt.client import MAX_INCOMING_PACKET, RECEIVE_MAXIMUM, broker_url_for_display
 
 DESIRED = "edgeagent/gw-7/config/desired"
-
-
-@pytest.fixture
-def harnesses() -> Iterator[list[UploaderHarness]]:
-    running: list[UploaderHarness] = []
-    yield running
-    for harness in running:
-        harness.close()
-
-
-@pytest.fixture
-def raw_brokers() -> Iterator[list[RawBroker]]:
-    running: list[RawBroker] = []
-    yield running
-    for broker in running:
-        broker.close()
 
 
 def publisher(port: int, host: str = "127.0.0.1") -> Client:

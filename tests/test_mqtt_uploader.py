@@ -74,22 +74,6 @@ def make_broker(tmp_path: Path) -> Iterator[Callable[..., Broker]]:
         broker.stop()
 
 
-@pytest.fixture
-def harnesses() -> Iterator[list[UploaderHarness]]:
-    running: list[UploaderHarness] = []
-    yield running
-    for harness in running:
-        harness.close()
-
-
-@pytest.fixture
-def subscribers() -> Iterator[list[Subscriber]]:
-    running: list[Subscriber] = []
-    yield running
-    for subscriber in running:
-        subscriber.close()
-
-
 def all_lines_arrived(subscriber: Subscriber, count: int) -> bool:
     seen = {n for numbers in line_numbers(subscriber.received()) for n in numbers}
     return len(seen) == count and min(seen) == 0 and max(seen) == count - 1

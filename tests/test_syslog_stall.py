@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import free_port, spool_records, until
+from disk import fill
 from test_disk_full import small_disk  # noqa: F401 - the fixture: a real 3 MiB tmpfs
 
 from edgeagent.config import loads
@@ -25,16 +26,6 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root"),
     pytest.mark.skipif(LOGGER is None, reason="util-linux logger is not installed"),
 ]
-
-
-def fill(path: Path) -> None:
-    with open(path, "wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-        except OSError:
-            pass
 
 
 def test_full_spool_pauses_tcp_and_counts_udp_drops(small_disk: Path, tmp_path: Path) -> None:  # noqa: F811
@@ -55,7 +46,6 @@ listen = "tcp://127.0.0.1:{tcp}"
     big_lines = tmp_path / "big-lines.txt"  # 18 MB: more than the kernel's socket buffers on both ends hold
     big_lines.write_text("".join(f"tcp {n} {'p' * 890}\n" for n in range(TCP_MESSAGES)))
     spool = Spool.open(small_disk / "spool.db", max_size=64 * 1024 * 1024)
-    filler = small_disk / "filler"
 
     async def scenario() -> tuple[int, int, bool]:
         batcher = Batcher(spool, ChunkEncoder({}, "t"), "boot", config.spool)
@@ -63,7 +53,7 @@ listen = "tcp://127.0.0.1:{tcp}"
         source = SyslogSource(config)
         task = asyncio.create_task(source.run(ctx))
         await until(lambda: source.status()["state"] == "running", "listeners")
-        fill(filler)
+        filler = fill(small_disk)
         batcher.add(Batch("test", [b"x" * 1000] * 2000, 0, "boot"))
         batcher.flush()
         assert batcher.stalled, "the spool must fail to commit on a full disk"
