@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from harness import ARCHES
-from scenarios import SCENARIOS, Session, run
+from scenarios import POWERCUT_ROUNDS, SCENARIOS, Session, run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,6 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("scenarios", nargs="*", default=["all"], help=f"any of {', '.join(SCENARIOS)}, or all")
     parser.add_argument("--arch", default="all", help="arm64, armhf or all (default)")
     parser.add_argument("--workdir", type=Path, help="keep consoles, disks and results here")
+    parser.add_argument(
+        "--rounds", type=int, default=POWERCUT_ROUNDS, help=f"power cuts in a row (default {POWERCUT_ROUNDS})"
+    )
     args = parser.parse_args(argv)
     names = SCENARIOS if args.scenarios == ["all"] else args.scenarios
     unknown = [n for n in names if n not in SCENARIOS]
@@ -26,15 +29,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown scenario(s) {unknown}; choose from {SCENARIOS}")
     arches = list(ARCHES) if args.arch == "all" else args.arch.split(",")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="edgeagent-qemu-"))
-    session = Session(workdir, log=lambda m: print(f"qemu: {m}", flush=True))
+    session = Session(workdir, log=lambda m: print(f"qemu: {m}", flush=True), powercut_rounds=args.rounds)
     print(f"qemu: work directory {workdir}", flush=True)
     t0 = time.monotonic()
-    results = []
     for arch in arches:
         for name in names:
-            result = run(name, arch, session)
-            results.append(result)
-            print(result.line(), flush=True)
+            run(name, arch, session)
+    results = session.results
+    print("qemu: summary (scenario, arch, verdict, duration, key figures)")
+    for result in results:
+        print(result.line())
     passed = sum(r.ok for r in results)
     print(f"{passed} passed, {len(results) - passed} failed in {time.monotonic() - t0:.0f}s")
     return 0 if passed == len(results) else 1

@@ -1,12 +1,16 @@
 """Every QEMU scenario on arm64 and armhf, booting the Debian test images
 (qemu/README.md says what each proves). Selected only by `tools/test --qemu`;
 one alone with e.g. `tools/test --qemu -k "first_boot and arm64"`. The session
-shares one wheel of the checkout; at the end one line per scenario and
-architecture is printed."""
+shares one wheel of the checkout. Each scenario prints one line as it ends
+(verdict, duration, key figures) and the run ends with a table of them all.
+`EDGEAGENT_QEMU_POWERCUT_ROUNDS` (`tools/test --qemu --powercut-rounds N`)
+sets the power-cut rounds, 20 by default."""
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,27 +18,63 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "qemu"))
 
-from scenarios import SCENARIOS, Session, run
+from scenarios import POWERCUT_ROUNDS, SCENARIOS, Result, Session, run
 
 pytestmark = pytest.mark.qemu
 
 
+class ScenarioReport:
+    """Writes each scenario's line when it ends (pytest would show a dot) and the
+    table of all of them in pytest's terminal summary."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.reporter = config.pluginmanager.get_plugin("terminalreporter")
+        self.results: list[Result] = []
+        self.started = time.monotonic()
+
+    def add(self, result: Result) -> None:
+        self.results.append(result)
+        if self.reporter is not None:
+            self.reporter.ensure_newline()
+            self.reporter.write_line(f"qemu: {result.line()}")
+
+    def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
+        if not self.results:
+            return
+        terminalreporter.write_sep("=", "QEMU scenarios (scenario, arch, verdict, duration, key figures)")
+        for result in self.results:
+            terminalreporter.write_line(result.line())
+        passed = sum(r.ok for r in self.results)
+        terminalreporter.write_line(
+            f"qemu: {passed} of {len(self.results)} scenario runs passed, {len(self.results) - passed} failed, "
+            f"in {time.monotonic() - self.started:.0f}s"
+        )
+
+
 @pytest.fixture(scope="session")
 def qemu_session(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Session]:
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    session = Session(tmp_path_factory.mktemp("qemu"), log=lambda m: print(f"qemu: {m}", file=sys.stderr))
-    yield session
-    results = session.results
-    if reporter is not None and results:
-        reporter.write_sep("=", "QEMU scenarios")
-        for result in results:
-            reporter.write_line(result.line())
-        reporter.write_line(f"qemu: {sum(r.ok for r in results)} of {len(results)} scenario runs passed")
+    report = ScenarioReport(request.config)
+    request.config.pluginmanager.register(report, "edgeagent-qemu-report")
+    workdir = tmp_path_factory.mktemp("qemu")
+    progress = workdir / "progress.log"  # image builds, power-cut rounds: `tail -f` it during a long run
+    if report.reporter is not None:
+        report.reporter.write_line(f"qemu: work directory {workdir}, progress in {progress}")
+
+    def log(message: str) -> None:
+        with open(progress, "a") as f:
+            f.write(f"{time.strftime('%H:%M:%S')} {message}\n")
+
+    rounds = int(os.environ.get("EDGEAGENT_QEMU_POWERCUT_ROUNDS") or POWERCUT_ROUNDS)
+    yield Session(workdir, log=log, powercut_rounds=rounds, on_result=report.add)
 
 
-@pytest.mark.parametrize("scenario", SCENARIOS)
+# The most telling and longest first (a run cut short still has them), each on both architectures.
+FIRST = ["powercut", "powercut_normal", "clock"]
+ORDER = FIRST + [s for s in SCENARIOS if s not in FIRST]
+
+
 @pytest.mark.parametrize("arch", ["arm64", "armhf"])
+@pytest.mark.parametrize("scenario", ORDER)
 def test_scenario(arch: str, scenario: str, qemu_session: Session) -> None:
     result = run(scenario, arch, qemu_session)
-    qemu_session.results.append(result)
     assert result.ok, result.line()
