@@ -37,6 +37,7 @@ class ScenarioReport:
         if self.reporter is not None:
             self.reporter.ensure_newline()
             self.reporter.write_line(f"qemu: {result.line()}")
+            self.reporter.flush()  # a run takes hours: show each line when it ends, also into a file
 
     def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
         if not self.results:
@@ -59,6 +60,7 @@ def qemu_session(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fixtu
     progress = workdir / "progress.log"  # image builds, power-cut rounds: `tail -f` it during a long run
     if report.reporter is not None:
         report.reporter.write_line(f"qemu: work directory {workdir}, progress in {progress}")
+        report.reporter.flush()
 
     def log(message: str) -> None:
         with open(progress, "a") as f:
