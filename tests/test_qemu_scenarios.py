@@ -8,6 +8,7 @@ sets the power-cut rounds, 20 by default."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -29,15 +30,22 @@ class ScenarioReport:
 
     def __init__(self, config: pytest.Config) -> None:
         self.reporter = config.pluginmanager.get_plugin("terminalreporter")
+        self.capture = config.pluginmanager.get_plugin("capturemanager")
         self.results: list[Result] = []
         self.started = time.monotonic()
 
+    def say(self, line: str) -> None:
+        """A line on the terminal now, from inside a test (pytest captures fd 1 there)."""
+        if self.reporter is None:
+            return
+        with self.capture.global_and_fixture_disabled() if self.capture else contextlib.nullcontext():
+            self.reporter.ensure_newline()
+            self.reporter.write_line(line)
+            self.reporter.flush()  # a run takes hours: show each line when it ends, also into a file
+
     def add(self, result: Result) -> None:
         self.results.append(result)
-        if self.reporter is not None:
-            self.reporter.ensure_newline()
-            self.reporter.write_line(f"qemu: {result.line()}")
-            self.reporter.flush()  # a run takes hours: show each line when it ends, also into a file
+        self.say(f"qemu: {result.line()}")
 
     def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
         if not self.results:
@@ -58,9 +66,7 @@ def qemu_session(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fixtu
     request.config.pluginmanager.register(report, "edgeagent-qemu-report")
     workdir = tmp_path_factory.mktemp("qemu")
     progress = workdir / "progress.log"  # image builds, power-cut rounds: `tail -f` it during a long run
-    if report.reporter is not None:
-        report.reporter.write_line(f"qemu: work directory {workdir}, progress in {progress}")
-        report.reporter.flush()
+    report.say(f"qemu: work directory {workdir}, progress in {progress}")
 
     def log(message: str) -> None:
         with open(progress, "a") as f:
