@@ -3,8 +3,9 @@
 one alone with e.g. `tools/test --qemu -k "first_boot and arm64"`. The session
 shares one wheel of the checkout. Each scenario prints one line as it ends
 (verdict, duration, key figures) and the run ends with a table of them all.
-`EDGEAGENT_QEMU_POWERCUT_ROUNDS` (`tools/test --qemu --powercut-rounds N`)
-sets the power-cut rounds, 20 by default."""
+`EDGEAGENT_QEMU_POWERCUT_ROUNDS` (`tools/test --qemu --powercut-rounds=N`)
+sets the power-cut rounds, 20 by default; `EDGEAGENT_QEMU_ARCH` one
+architecture (`tools/test --qemu` runs one pytest per architecture at once)."""
 
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ FIRST = ["powercut", "powercut_normal", "clock"]
 ORDER = FIRST + [s for s in SCENARIOS if s not in FIRST]
 
 
-@pytest.mark.parametrize("arch", ["arm64", "armhf"])
+@pytest.mark.parametrize("arch", os.environ.get("EDGEAGENT_QEMU_ARCH", "arm64,armhf").split(","))
 @pytest.mark.parametrize("scenario", ORDER)
 def test_scenario(arch: str, scenario: str, qemu_session: Session) -> None:
     result = run(scenario, arch, qemu_session)
