@@ -177,6 +177,10 @@ def render(results: dict[str, Any]) -> str:
             out += ["", "| function (inclusive) | share |", "|---|---|"]
             out += [f"| `{f}` | {s:.1%} |" for f, s in med["hot"]["inclusive"]]
             out.append("")
+    if results.get("trickle"):
+        import trickle
+
+        out += [f"### Trickle ({results['command']})", "", *trickle.render(results["trickle"]), ""]
     spool = results.get("spool")
     if spool:
         out += ["### Spool append (in-process Batcher + Spool, durability full)", ""]
