@@ -338,16 +338,14 @@ def cmd_wake(args: argparse.Namespace) -> int:
 def cmd_spool_dump(args: argparse.Namespace) -> int:
     import datetime
 
-    import zstandard
-
-    from edgeagent.otlp import DecodeError, decode_request
+    from edgeagent.codec import ChunkCodec, CorruptChunk
     from edgeagent.spool import Spool
 
     cfg = _load_config(args)
     spool = Spool.open_readonly(cfg.spool_path)
     if spool is None:
         return 0
-    dctx = zstandard.ZstdDecompressor()
+    codec = ChunkCodec()
     out = sys.stdout
     try:
         items: list[tuple[str, bytes]]
@@ -361,14 +359,15 @@ def cmd_spool_dump(args: argparse.Namespace) -> int:
             items = [(c.chunk_id, c.payload) for c in spool.oldest(args.limit or 10**9)]
         for chunk_id, payload in items:
             try:
-                records = decode_request(dctx.decompress(payload))
-                for record in records:
-                    record["chunk_id"] = chunk_id
-                    record.update(extra.get(chunk_id, {}))
-                    out.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
-            except (zstandard.ZstdError, DecodeError) as e:
+                records = codec.records(payload)
+            except CorruptChunk as e:
                 detail = "".join(f"; {k} {v}" for k, v in extra.get(chunk_id, {}).items())
                 print(f"edgeagent: chunk {chunk_id} cannot be decoded: {e}{detail}", file=sys.stderr)
+                continue
+            for record in records:
+                record["chunk_id"] = chunk_id
+                record.update(extra.get(chunk_id, {}))
+                out.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
     finally:
         spool.close()
     return 0

@@ -327,10 +327,6 @@ def decode_request(buf: bytes) -> Iterator[dict[str, Any]]:
                         yield record
 
 
-def count_records(buf: bytes) -> int:
-    return sum(1 for _ in decode_request(buf))
-
-
 def shift_times(buf: bytes, delta_ns: int) -> bytes:
     """Return `buf` with every record's wall times moved by `delta_ns`.
 

@@ -14,8 +14,8 @@ request) goes to `asyncio.to_thread` with a timeout; that is the only use of
 threads.
 
 Sources hand `Batch`es to `SourceContext.emit`; the `Batcher` groups them into
-chunks by record count, raw bytes and age, encodes (OTLP protobuf) and
-compresses (one zstd frame) them, and appends each chunk with the positions it
+chunks by record count, raw bytes and age, encodes them into chunk payloads
+(`edgeagent.codec`: OTLP protobuf in one zstd frame), and appends each chunk with the positions it
 covers in one spool transaction. The uploader reads chunks back from the spool
 through `UploaderContext`.
 """
@@ -29,11 +29,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-import zstandard
-
 from edgeagent.clock import Clock, ClockState, monotonic_ns
+from edgeagent.codec import ChunkCodec
 from edgeagent.config import Config, SpoolConfig
-from edgeagent.otlp import ChunkEncoder, shift_times
+from edgeagent.otlp import ChunkEncoder
 from edgeagent.records import SEVERITY_WARN, Batch, Record
 from edgeagent.refusals import DEFAULT_INTERVAL, RefusalReports, ShipLoss
 from edgeagent.spool import Eviction, NewChunk, Spool, StoredChunk
@@ -107,7 +106,7 @@ class Batcher:
         self.config = config
         self.clock = clock or Clock()
         self.on_commit = on_commit
-        self._compressor = zstandard.ZstdCompressor(level=3, write_checksum=True)
+        self._codec = ChunkCodec()
         self._pending: list[Batch] = []
         self._positions: dict[str, str | None] = {}  # None: forget the position
         self._counters: dict[str, int] = {}
@@ -281,7 +280,7 @@ class Batcher:
                 for r in batch.records:
                     if isinstance(r, Record) and r.severity > max_severity:
                         max_severity = r.severity
-        payload = self._compressor.compress(self.encoder.encode(batches, offset, synced))
+        payload = self._codec.encode(self.encoder, batches, offset, synced)
         return NewChunk(payload, records, raw, max_severity, boot_id, offset, synced)
 
     def _report_evictions(self, evictions: list[Eviction]) -> None:
@@ -460,6 +459,7 @@ class UploaderContext:
         # on_loss(record, counters) ships a loss record and commits the counters with it.
         # A context replacing another (reload) takes over its reports, so none is sent twice.
         self.refusals = refusals or RefusalReports(spool, on_loss, report_interval)
+        self.codec = ChunkCodec()  # for the uploader too: decode, split and build request bodies
         self.credentials_error: str | None = None
         self.credentials_error_since: float | None = None
 
@@ -542,15 +542,15 @@ class UploaderContext:
         encoded with a plausible clock is shifted only if the offset has moved
         by more than `Clock.JUMP_NS` since (NTP stepped a stale clock). The new
         payload is stored with the offset it now matches, so the correction
-        happens once, and parts of a split inherit both."""
+        happens once, and parts of a split inherit both. Raises
+        `codec.CorruptChunk` when a payload to shift cannot be decoded."""
         best = self._best_offset(chunk.boot_id)
         if best is None or not best.synced:
             return chunk
         delta = best.offset_ns - chunk.clock_offset_ns
         if chunk.clock_synced and abs(delta) <= Clock.JUMP_NS:
             return chunk
-        fixed = shift_times(zstandard.ZstdDecompressor().decompress(chunk.payload), delta)
-        payload = zstandard.ZstdCompressor(level=3, write_checksum=True).compress(fixed)
+        payload = self.codec.shift(chunk.payload, delta)
         # On a full disk the spool keeps the old payload and offset (consistent: corrected the
         # same way next time); this upload, and split parts, use the corrected ones.
         self.spool.replace_payload(chunk.id, payload, best.offset_ns)

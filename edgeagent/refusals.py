@@ -25,9 +25,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 
-import zstandard
-
-from edgeagent.otlp import DecodeError, decode_request
+from edgeagent.codec import ChunkCodec, CorruptChunk
 from edgeagent.records import SEVERITY_WARN, Record
 from edgeagent.spool import Spool, StoredChunk
 
@@ -162,8 +160,8 @@ def only_reports(chunk: StoredChunk) -> bool:
     if chunk.records > _MAX_REPORT_RECORDS or len(chunk.payload) > _MAX_REPORT_BYTES:
         return False
     try:
-        raw = zstandard.ZstdDecompressor().decompress(chunk.payload, max_output_size=4 * _MAX_REPORT_BYTES)
-        kinds = [record["attributes"].get(LOSS_REASON) for record in decode_request(raw)]
-    except (zstandard.ZstdError, DecodeError):
+        records = ChunkCodec().records(chunk.payload, max_size=4 * _MAX_REPORT_BYTES)
+    except CorruptChunk:
         return False
+    kinds = [record["attributes"].get(LOSS_REASON) for record in records]
     return bool(kinds) and all(kind in KINDS for kind in kinds)

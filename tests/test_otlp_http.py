@@ -30,7 +30,6 @@ from edgeagent.spool import NewChunk, Spool
 from edgeagent.uploaders.otlp_http import (
     CHUNK_ID_HEADER,
     OtlpHttpUploader,
-    count_records,
     parse_partial_success,
     parse_retry_after,
 )
@@ -858,12 +857,3 @@ def test_partial_success_protobuf_is_bounded_and_printable() -> None:
     message = b"\x1b[2Jfake log line\nERROR"
     inner = b"\x08" + b"\xff" * 9 + b"\x01" + b"\x12" + bytes([len(message)]) + message
     assert parse_partial_success(b"\x0a" + bytes([len(inner)]) + inner) == (0, "?[2Jfake log line?ERROR")
-
-
-def test_count_records_matches_the_decoder() -> None:
-    encoder = ChunkEncoder(RESOURCE, "t")
-    raw = encoder.encode(
-        [Batch("a", [b"1", b"2"], 0, BOOT), Batch("b", [Record("3", SEVERITY_INFO)], 0, BOOT)], 0, True
-    )
-    assert count_records(raw) == 3
-    assert count_records(raw + raw) == 6

@@ -22,11 +22,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import zstandard
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edgeagent import otlp
+from edgeagent import codec
 from edgeagent.config import Config
 from edgeagent.mqtt import client as mqttc
 from edgeagent.mqtt.session import MqttSession, PublishResult
@@ -58,7 +57,7 @@ PERMANENT_FAILURES = {
 # the connection as a protocol error instead of reporting the reason code.
 REFUSED_PACKET_CODES = {RC_MALFORMED_PACKET, RC_PROTOCOL_ERROR, RC_PACKET_TOO_LARGE}
 
-CONTENT_TYPE = "application/x-protobuf"
+CONTENT_TYPE = codec.CONTENT_TYPE
 
 
 @dataclass(slots=True)
@@ -214,7 +213,7 @@ class MqttUploader:
         try:
             # Corrected times and the offset they match: a split below inherits both (never shifted twice).
             chunk = self._ctx.corrected(chunk)
-        except (zstandard.ZstdError, otlp.DecodeError) as e:
+        except codec.CorruptChunk as e:
             self._dead_letter(chunk, f"chunk payload is corrupt and cannot be sent: {e}")
             return True
         payload = chunk.payload
@@ -241,7 +240,7 @@ class MqttUploader:
     def _properties(self, chunk: StoredChunk) -> Properties:
         properties = Properties(PacketTypes.PUBLISH)
         properties.ContentType = CONTENT_TYPE
-        properties.UserProperty = ("content-encoding", "zstd")
+        properties.UserProperty = ("content-encoding", codec.PAYLOAD_ENCODING)
         properties.UserProperty = ("chunk-id", chunk.chunk_id)
         return properties
 
@@ -320,13 +319,10 @@ class MqttUploader:
         """Replace a chunk the broker finds too large by two halves, sent later."""
         assert self._ctx is not None
         try:
-            request = zstandard.ZstdDecompressor().decompress(chunk.payload)
-            halves = otlp.split_request(request)
-        except (ValueError, zstandard.ZstdError) as e:  # one record, or a corrupt chunk: it can never fit
+            parts = self._ctx.codec.split(chunk.payload)
+        except (codec.CannotSplit, codec.CorruptChunk) as e:  # one record, or a corrupt chunk: it can never fit
             self._dead_letter(chunk, f"{reason}; cannot split: {e}")
             return
-        compressor = zstandard.ZstdCompressor(level=3, write_checksum=True)
-        parts = [(compressor.compress(half), otlp.count_records(half)) for half in halves]
         self._ctx.spool.split(chunk, parts)
         self.counters.splits += 1
         log.warning("mqtt: %s; split chunk %s into %d parts", reason, chunk.chunk_id, len(parts))

@@ -1,8 +1,8 @@
 """The OTLP/HTTP uploader: POSTs spooled chunks to an OpenTelemetry collector.
 
 Owns everything between the spool and an OTLP/HTTP logs endpoint: choosing the
-oldest chunks, coalescing small ones into one request, compressing per
-`[otlp_http].compression`, the HTTP exchange itself, and what each answer means
+oldest chunks, coalescing small ones into one request (the body is built by
+`edgeagent.codec` per `[otlp_http].compression`), the HTTP exchange itself, and what each answer means
 for the chunks (ack, retry, split, dead letter). A chunk leaves the spool only
 on a 2xx (guarantee 2); records a 2xx reports as rejected (OTLP partial
 success) are counted and logged as loss (guarantee 5).
@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gzip
 import logging
 import re
 import ssl
@@ -46,11 +45,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import zstandard
-
-from edgeagent import __version__
+from edgeagent import __version__, codec
 from edgeagent.config import Config, ConfigError, display_url, parse_url
-from edgeagent.otlp import DecodeError, iter_fields, split_request
 from edgeagent.pipeline import WAKE_DATA, UploaderContext
 from edgeagent.spool import StoredChunk
 from edgeagent.uploaders import Backoff
@@ -101,7 +97,7 @@ def _corrupt_as(chunk: StoredChunk) -> Iterator[None]:
     """Decoding errors inside the block are `chunk`'s damage."""
     try:
         yield
-    except (zstandard.ZstdError, DecodeError) as e:
+    except codec.CorruptChunk as e:
         raise _CorruptChunk(chunk, e) from e
 
 
@@ -139,8 +135,6 @@ class OtlpHttpUploader:
         self._learned_limit = self._cfg.max_request_size  # lowered by 413 answers
         self._rate = config.upload.max_rate
         self._backoff = Backoff(config.upload.retry_initial, config.upload.retry_max)
-        self._cctx = zstandard.ZstdCompressor(level=3, write_checksum=True)
-        self._dctx = zstandard.ZstdDecompressor()
         self._conn: _Connection | None = None
         self._ctx: UploaderContext | None = None
         self._stopping = False
@@ -212,9 +206,9 @@ class OtlpHttpUploader:
             f"POST {self._path} HTTP/1.1",
             f"Host: {self._host_header}",
             f"User-Agent: edgeagent/{__version__}",
-            "Content-Type: application/x-protobuf",
+            f"Content-Type: {codec.CONTENT_TYPE}",
         ]
-        encoding = {"zstd": "zstd", "gzip": "gzip", "none": None}[config.otlp_http.compression]
+        encoding = codec.content_encoding(config.otlp_http.compression)
         if encoding:
             lines.append(f"Content-Encoding: {encoding}")
         hidden = "(value not shown: it may be a secret)"
@@ -410,7 +404,7 @@ class OtlpHttpUploader:
             with _corrupt_as(chunk):
                 chunk = ctx.corrected(chunk)  # split parts inherit the corrected times: never shifted twice
                 payload = chunk.payload
-                size = self._raw_size(payload)
+                size = ctx.codec.raw_size(payload)
             if chunks and (sum(sizes) + size > limit):
                 break  # goes first in the next request
             if size > limit and chunk.records > 1:
@@ -424,51 +418,20 @@ class OtlpHttpUploader:
                 break
         if not chunks:
             return None
-        raw_size = sum(sizes)
-        records = sum(c.records for c in chunks)
-        if self._compression == "zstd" and len(payloads) == 1:
-            return _Request(chunks, payloads[0], raw_size, records)
-        parts = []
-        for chunk, payload in zip(chunks, payloads, strict=True):
-            with _corrupt_as(chunk):
-                parts.append(self._decompress(payload))
-        raw = b"".join(parts)
-        if self._compression == "zstd":
-            body = self._cctx.compress(raw)
-        elif self._compression == "gzip":
-            body = gzip.compress(raw, compresslevel=6, mtime=0)
-        else:
-            body = raw
-        return _Request(chunks, body, len(raw), records)
-
-    def _raw_size(self, payload: bytes) -> int:
-        size = zstandard.frame_content_size(payload)
-        return size if size >= 0 else len(self._decompress(payload))
-
-    def _decompress(self, payload: bytes) -> bytes:
-        if zstandard.frame_content_size(payload) >= 0:
-            return self._dctx.decompress(payload)
-        return self._dctx.decompressobj().decompress(payload)
+        try:
+            body = ctx.codec.request_body(payloads, self._compression)
+        except codec.CorruptChunk as e:
+            raise _CorruptChunk(chunks[e.index], e) from e
+        return _Request(chunks, body, sum(sizes), sum(c.records for c in chunks))
 
     def _split(self, ctx: UploaderContext, chunk: StoredChunk, payload: bytes, limit: int) -> bool:
         """Replace `chunk` in the spool by parts under `limit` bytes each; False when
         it cannot be split (a single record above the limit, which is then sent as is)."""
-        pending = [self._decompress(payload)]
-        parts: list[bytes] = []
-        while pending:
-            part = pending.pop()
-            if len(part) <= limit:
-                parts.append(part)
-                continue
-            try:
-                first, second = split_request(part)
-            except ValueError:  # one record (or undecodable): the receiver decides
-                parts.append(part)
-                continue
-            pending += [second, first]
-        if len(parts) < 2:
+        try:
+            parts = ctx.codec.split_to_fit(payload, limit)
+        except codec.CannotSplit:  # one record (or damage inside it): the receiver decides
             return False
-        ctx.spool.split(chunk, [(self._cctx.compress(p), count_records(p)) for p in parts])
+        ctx.spool.split(chunk, parts)
         self._counters["split_chunks"] += 1
         log.info(
             "chunk %s (%d bytes) split into %d parts of at most %d bytes",
@@ -631,17 +594,6 @@ class OtlpHttpUploader:
 
 
 # --- helpers (module level: pure, and tested on their own) -------------------------
-
-
-def count_records(request: bytes) -> int:
-    """LogRecords in an ExportLogsServiceRequest, without decoding them."""
-    n = 0
-    for f, w, s, e in iter_fields(request):
-        if f == 1 and w == 2:
-            for f2, w2, s2, e2 in iter_fields(request, s, e):
-                if f2 == 2 and w2 == 2:
-                    n += sum(1 for f3, w3, _, _ in iter_fields(request, s2, e2) if f3 == 2 and w3 == 2)
-    return n
 
 
 def _describe(error: BaseException) -> str:
