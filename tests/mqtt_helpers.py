@@ -77,7 +77,8 @@ class UploaderHarness:
 
     def start(self) -> None:
         def start_task() -> None:
-            self.session_task = self.loop.create_task(self.session.run())
+            if self.session is not None:  # None: an uploader without one (see contract_backends)
+                self.session_task = self.loop.create_task(self.session.run())
             self.task = self.loop.create_task(self.uploader.run(self.ctx))
 
         self.call(start_task)
@@ -116,7 +117,8 @@ class UploaderHarness:
         """What the network watch does when a link comes up."""
 
         def wake() -> None:
-            self.session.wake()
+            if self.session is not None:
+                self.session.wake()
             self.ctx.wake(WAKE_NETWORK)
 
         self.call(wake)
@@ -126,7 +128,8 @@ class UploaderHarness:
 
         async def stop() -> None:
             await self.uploader.drain(timeout)
-            await self.session.close()
+            if self.session is not None:
+                await self.session.close()
 
         asyncio.run_coroutine_threadsafe(stop(), self.loop).result(timeout + 30)
 
@@ -263,6 +266,24 @@ def utf8(text: str) -> bytes:
     return len(raw).to_bytes(2, "big") + raw
 
 
+def read_varint(data: bytes, at: int) -> tuple[int, int]:
+    """(value, offset after it) of the variable byte integer at `at`."""
+    value = shift = 0
+    while True:
+        byte = data[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, at
+
+
+def utf8_at(data: bytes, at: int) -> tuple[str, int]:
+    """(text, offset after it) of the length-prefixed UTF-8 string at `at`."""
+    length = int.from_bytes(data[at : at + 2], "big")
+    return data[at + 2 : at + 2 + length].decode(), at + 2 + length
+
+
 def connack(reason: int = 0, properties: bytes = b"\x00") -> bytes:
     return mqtt_packet(0x20, b"\x00" + bytes([reason]) + properties)
 
@@ -338,8 +359,14 @@ class ScriptedBroker(RawBroker):
     def __init__(self, answer: Callable[[str, int], int | None]) -> None:
         self.answer = answer
         self.publishes: list[tuple[str, int | None]] = []  # (topic, reason answered)
+        self._bodies: list[bytes] = []  # each PUBLISH's variable header and payload, as received
         self._counts: dict[str, int] = {}
         super().__init__(self._serve)
+
+    def received_publishes(self) -> list[tuple[str, bytes, int | None]]:
+        """(topic, variable header and payload, reason answered) of every PUBLISH, in order."""
+        with self._lock:
+            return [(topic, body, reason) for (topic, reason), body in zip(self.publishes, self._bodies, strict=True)]
 
     def _serve(self, conn: Any, reader: Any, n: int) -> None:
         while (packet := read_packet(reader)) is not None:
@@ -356,6 +383,7 @@ class ScriptedBroker(RawBroker):
                     self._counts[topic] = count + 1
                     reason = self.answer(topic, count)
                     self.publishes.append((topic, reason))
+                    self._bodies.append(body)
                 if qos and reason is not None:
                     packet_id = body[2 + topic_len : 4 + topic_len]
                     conn.sendall(b"\x40\x03" + packet_id + bytes([reason]))

@@ -6,7 +6,8 @@ would, with standard tools only (zstandard, gzip, opentelemetry-proto), and
 recorded. Answers come from a script (`answer(...)`), then the default (200):
 status and body, a delay, a hold until the test releases it, OTLP partial
 success, a TCP reset instead of an answer, or raw bytes (a hostile or broken
-server: garbage, huge or endless answers).
+server: garbage, huge or endless answers). With `max_request_size` set, larger
+bodies are answered 413 whatever the script says.
 
 Each chunk of edgeagent's is one ResourceLogs in a request, and the request's
 `X-Edgeagent-Chunk-Id` header lists the chunk ids in the same order, so the
@@ -106,7 +107,10 @@ class _Handler(BaseHTTPRequestHandler):
         ids = [x for x in headers.get(CHUNK_ID_HEADER.lower(), "").split(",") if x]
         cert = self.connection.getpeercert() if isinstance(self.connection, ssl.SSLSocket) else None
         received = Received(self.path, headers, raw, body, request, ids, self.serial, cert)
-        answer = owner.next_answer()
+        if owner.max_request_size is not None and len(raw) > owner.max_request_size:
+            answer = Answer(413, b"request body too large")  # as a collector or proxy with a body limit
+        else:
+            answer = owner.next_answer()
         with owner.lock:
             owner.received.append(received)
         self._answer(answer, received)
@@ -219,6 +223,7 @@ class OtlpServer:
         self.lock = threading.Lock()
         self.script: deque[Answer] = deque()
         self.default = Answer()
+        self.max_request_size: int | None = None  # bodies (as sent) above it are answered 413
         self.received: list[Received] = []
         self.delivered: dict[str, list[str]] = {}  # chunk id -> lines, first 2xx delivery, in order
         self.delivered_records: dict[str, list[Any]] = {}
