@@ -128,6 +128,7 @@ class Snapshot:
     write_bytes: int = 0
     cancelled_write_bytes: int = 0
     ctxt_switches: int = 0
+    minor_faults: int = 0
 
 
 def read_proc(pid: int) -> Snapshot | None:
@@ -137,6 +138,7 @@ def read_proc(pid: int) -> Snapshot | None:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
         snap.cpu_s = (int(fields[11]) + int(fields[12])) / CLK_TCK
+        snap.minor_faults = int(fields[7])
         with open(f"/proc/{pid}/status") as f:
             for line in f:
                 key, _, value = line.partition(":")

@@ -154,6 +154,7 @@ def render(results: dict[str, Any]) -> str:
             )
         out.append("")
     out += source_tables(results)
+    out += compare_table(results)
     out += ["### Targets", "", "| target | measured | met |", "|---|---|---|"]
     for label, scenario, key, limit, higher in TARGETS:
         med = (results.get(scenario) or {}).get("median")
@@ -218,4 +219,92 @@ def source_tables(results: dict[str, Any]) -> list[str]:
         out += ["### 7. Journald source (journal directory from the beginning, upload none)", ""]
         note = _status_line("journald", journald)
         out += [note, ""] if note else [*table(list(journald["median"].items())), ""]
+    return out
+
+
+# Issue 15's targets, checked against the compare scenario's medians.
+COMPARE_TARGETS = (
+    ("MQTT: CPU s per million lines <= 1.1", "edgeagent-mqtt", "cpu_s_per_million", 1.1, False),
+    ("MQTT: lines/s >= 800,000", "edgeagent-mqtt", "lines_per_s", 800_000, True),
+    ("MQTT: wall <= 1.3 x the reference's", "edgeagent-mqtt", "wall_x_reference", 1.3, False),
+    ("MQTT: CPU <= 1.3 x the reference's", "edgeagent-mqtt", "cpu_x_reference", 1.3, False),
+    ("OTLP: CPU <= 1.15 x the MQTT figure", "edgeagent-otlp", "cpu_x_mqtt", 1.15, False),
+    ("MQTT: peak RSS <= 40 MiB", "edgeagent-mqtt", "peak_rss_mib", 40, False),
+    ("OTLP: peak RSS <= 40 MiB", "edgeagent-otlp", "peak_rss_mib", 40, False),
+    ("MQTT: disk dirtied <= 0.5 x raw", "edgeagent-mqtt", "disk_per_raw", 0.5, False),
+    ("MQTT: wire <= 0.29 x raw", "edgeagent-mqtt", "wire_per_raw", 0.29, False),
+)
+
+
+def compare_table(results: dict[str, Any]) -> list[str]:
+    """The compare scenario: one row per subject (medians of its undisturbed runs), then the targets."""
+    block = results.get("compare")
+    if not block:
+        return []
+    lines = results["lines"]
+    subjects = block["subjects"]
+    meds = {name: s.get("median") for name, s in subjects.items()}
+    ref, mqtt = meds.get("reference"), meds.get("edgeagent-mqtt")
+    for med in meds.values():
+        if not med:
+            continue
+        med["cpu_s_per_million"] = med["cpu_s"] * 1_000_000 / lines
+        if ref:
+            med["wall_x_reference"] = med["wall_s"] / ref["wall_s"]
+            med["cpu_x_reference"] = med["cpu_s"] / ref["cpu_s"]
+        if mqtt:
+            med["cpu_x_mqtt"] = med["cpu_s"] / mqtt["cpu_s"]
+    out = [
+        "### Side by side (compare: interleaved rounds, medians of the undisturbed runs)",
+        "",
+        "| subject | lines/s | wall s | CPU s | CPU x ref | peak RSS MiB | disk / raw | wire / raw | requests "
+        "| undisturbed / runs | others busy % | steal % |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, s in subjects.items():
+        med = s.get("median")
+        if not med:
+            out.append(f"| {name} | no successful run ({s['failed']} failed) |" + " |" * 10)
+            continue
+        note = "" if s["undisturbed"] else " (all disturbed)"
+        out.append(
+            f"| {name}{note} | {fmt(med['lines_per_s'])} | {fmt(med['wall_s'])} | {fmt(med['cpu_s'])} | "
+            f"{fmt(med.get('cpu_x_reference', ''))} | {fmt(med['peak_rss_mib'])} | {fmt(med['disk_per_raw'])} | "
+            f"{fmt(med.get('wire_per_raw', ''))} | {fmt(med.get('messages', ''))} | "
+            f"{s['undisturbed']}/{s['runs']} | {fmt(med['others_busy_pct'])} | {fmt(med['steal_pct'])} |"
+        )
+    for name, reason in block.get("skipped", {}).items():
+        out.append(f"| {name} | skipped: {reason} |" + " |" * 10)
+    out += ["", "Every run (D = disturbed: others busy >= 10 % or steal >= 5 %; excluded from the medians):", ""]
+    out += ["| subject | round | wall s | CPU s | peak RSS MiB | others busy % | steal % | quiet wait s | mark |"]
+    out += ["|---|---|---|---|---|---|---|---|---|"]
+    for name, s in subjects.items():
+        for r in s["all"]:
+            if "failed" in r:
+                out.append(f"| {name} | {r['round']} | failed: {r['failed'][:120]} | | | | | | |")
+                continue
+            out.append(
+                f"| {name} | {r['round']} | {fmt(r['wall_s'])} | {fmt(r['cpu_s'])} | {fmt(r['peak_rss_mib'])} | "
+                f"{fmt(r['others_busy_pct'])} | {fmt(r['steal_pct'])} | {fmt(r['quiet_wait_s'])} | "
+                f"{'D' if r['disturbed'] else ''} |"
+            )
+    for name, prof in (block.get("profiles") or {}).items():
+        if "hot" not in prof:
+            out += ["", f"Profile of {name}: `{prof.get('profile')}` (perf: `perf report -i FILE --no-children`)"]
+            continue
+        out += ["", f"Profile of {name} (py-spy --native, 250 Hz; self = leaf frame, Python or C):", ""]
+        out += ["| function (self) | share |", "|---|---|"]
+        out += [f"| `{f}` | {share:.1%} |" for f, share in prof["hot"]["self"]]
+        out += ["", "| function (inclusive, the agent's own) | share |", "|---|---|"]
+        out += [f"| `{f}` | {share:.1%} |" for f, share in prof["hot"]["inclusive"]]
+    out += ["", "| target (issue 15) | measured | met |", "|---|---|---|"]
+    for label, subject, key, limit, higher in COMPARE_TARGETS:
+        med = meds.get(subject)
+        if not med or key not in med:
+            out.append(f"| {label} | not measured | - |")
+            continue
+        value = med[key]
+        met = value >= limit if higher else value <= limit
+        out.append(f"| {label} | {fmt(value)} | {'yes' if met else '**no**'} |")
+    out.append("")
     return out
