@@ -130,8 +130,12 @@ def test_delivers_chunks_in_the_documented_wire_format(
     assert {kv.key: kv.value.string_value for kv in records[0].attributes}["kernel.subsystem"] == "usb"
     assert {kv.key: kv.value.int_value for kv in records[1].attributes}["kernel.facility"] == 0
     assert records[1].time_unix_nano - records[0].time_unix_nano == 1_000_000_000
-    file_record = decode(messages[1].payload).resource_logs[0].scope_logs[0].log_records[0]
-    assert {kv.key: kv.value.string_value for kv in file_record.attributes}["log.file.path"] == "/var/log/app.log"
+    file_scope = decode(messages[1].payload).resource_logs[0].scope_logs[0]
+    # A file's path is common to its lines: written once, on the scope.
+    assert {kv.key: kv.value.string_value for kv in file_scope.scope.attributes} == {
+        "log.file.path": "/var/log/app.log"
+    }
+    assert not any(r.attributes for r in file_scope.log_records)
     check_lines(messages[1:], 5000)
 
     st = h.status()

@@ -34,16 +34,42 @@ def test_line_batches_decode_with_opentelemetry_proto() -> None:
     assert {a.key: any_value(a.value) for a in resource_logs.resource.attributes} == RESOURCE
     (scope_logs,) = resource_logs.scope_logs
     assert scope_logs.scope.name == "edgeagent/files" and scope_logs.scope.version == "1.2.3"
+    # The batch's common attributes are written once, on the scope, not on every record.
+    assert {a.key: any_value(a.value) for a in scope_logs.scope.attributes} == {
+        "log.file.path": "/var/log/a.log",
+        "log.file.name": "a.log",
+    }
     records = scope_logs.log_records
     assert [r.body.string_value for r in records] == [line.decode() for line in lines]
     for r in records:
         assert r.observed_time_unix_nano == OFFSET + 5_000
         assert r.time_unix_nano == 0  # unknown event time: receivers use the observed time
         assert r.severity_number == 0
-        assert {a.key: any_value(a.value) for a in r.attributes} == {
-            "log.file.path": "/var/log/a.log",
-            "log.file.name": "a.log",
-        }
+        assert list(r.attributes) == []
+
+
+def test_each_set_of_common_attributes_gets_its_scope_and_decode_merges_them() -> None:
+    a, b = {"log.file.path": "/var/log/a.log"}, {"log.file.path": "/var/log/b.log"}
+    batches = [
+        Batch("files", [b"a1"], 1, "boot", a),
+        Batch("files", [b"b1"], 2, "boot", b),
+        Batch("files", [b"a2"], 3, "boot", dict(a)),
+        Batch("kmsg", [Record("k1", 9, attributes={"log.file.path": "own"})], 4, "boot", a),
+    ]
+    payload = ChunkEncoder({}, "v").encode(batches, 0, True)
+    scopes = decode(payload).resource_logs[0].scope_logs
+    assert [
+        (
+            s.scope.name,
+            {x.key: any_value(x.value) for x in s.scope.attributes},
+            [r.body.string_value for r in s.log_records],
+        )
+        for s in scopes
+    ] == [("edgeagent/files", a, ["a1", "a2"]), ("edgeagent/files", b, ["b1"]), ("edgeagent/kmsg", a, ["k1"])]
+    decoded = {r["body"]: r for r in decode_request(payload)}
+    assert decoded["a2"]["attributes"] == a and decoded["a2"]["scope_attributes"] == a
+    assert decoded["b1"]["attributes"] == b
+    assert decoded["k1"]["attributes"] == {"log.file.path": "own"}  # a record's own attribute wins
 
 
 def test_rich_records_keep_time_severity_and_typed_attributes() -> None:
@@ -139,7 +165,7 @@ def test_own_decoder_agrees_with_opentelemetry_proto() -> None:
 )
 def test_any_lines_and_attributes_round_trip(lines: list[bytes], attributes: dict) -> None:  # type: ignore[type-arg]
     payload = ChunkEncoder({}, "v").encode([Batch("files", lines, 1, "boot", attributes)], 0, True)
-    records = decode(payload).resource_logs[0].scope_logs[0].log_records
-    assert [r.body.string_value.encode() for r in records] == lines
-    for r in records:
-        assert {a.key: any_value(a.value) for a in r.attributes} == attributes
+    (scope_logs,) = decode(payload).resource_logs[0].scope_logs
+    assert [r.body.string_value.encode() for r in scope_logs.log_records] == lines
+    assert {a.key: any_value(a.value) for a in scope_logs.scope.attributes} == attributes
+    assert all(r["attributes"] == attributes for r in decode_request(payload))

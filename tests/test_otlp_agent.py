@@ -92,8 +92,8 @@ def test_lines_appended_to_a_file_arrive_at_the_collector_in_order(make_agent: A
         with app_log.open("a") as f:
             f.write("".join(line + "\n" for line in more))
         wait_for(lambda: server.lines() == first + more, what="the appended lines at the collector")
-        records = [r for chunk in server.delivered_records.values() for r in chunk]
-        paths = {kv.value.string_value for r in records for kv in r.attributes if kv.key == "log.file.path"}
+        scopes = [sl for got in server.received for rl in got.request.resource_logs for sl in rl.scope_logs]
+        paths = {kv.value.string_value for sl in scopes for kv in sl.scope.attributes if kv.key == "log.file.path"}
         assert paths == {str(app_log)}
         resource = {
             kv.key: kv.value.string_value for kv in server.received[0].request.resource_logs[0].resource.attributes

@@ -159,7 +159,9 @@ def test_each_compression_decodes_to_the_original_records(tmp_path: Path, server
         assert resource == RESOURCE
         file_records = file_rl.scope_logs[0].log_records
         assert [r.body.string_value for r in file_records] == lines
-        assert {kv.key: kv.value.string_value for kv in file_records[0].attributes} == {
+        # The file's path is common to its lines: a scope attribute, not repeated on each record.
+        assert [list(r.attributes) for r in file_records] == [[]] * len(lines)
+        assert {kv.key: kv.value.string_value for kv in file_rl.scope_logs[0].scope.attributes} == {
             "log.file.path": "/var/log/app.log"
         }
         assert file_rl.scope_logs[0].scope.name == "edgeagent/files"
