@@ -1,13 +1,15 @@
 """Uploaders: one module per protocol, each a `pipeline.Uploader`.
 
-The shared retry policy lives here: jittered exponential backoff from
-tenacity's wait strategy, driven one attempt at a time by the uploader's own
-loop (tenacity's retry loop would sleep in a way shutdown cannot interrupt).
+The shared retry policy lives here: jittered exponential backoff ("full
+jitter": uniform between 0 and the capped exponential), driven one attempt at a
+time by the uploader's own loop, so shutdown can interrupt any wait. It is
+tenacity's `wait_random_exponential` in five lines, which saves importing
+tenacity (0.5 MiB of RSS) into the agent.
 """
 
 from __future__ import annotations
 
-from tenacity import RetryCallState, wait_random_exponential
+import random
 
 from edgeagent.config import Config
 from edgeagent.pipeline import Uploader
@@ -34,7 +36,7 @@ class Backoff:
     """
 
     def __init__(self, initial: float, maximum: float) -> None:
-        self._wait = wait_random_exponential(multiplier=initial, max=maximum)
+        self._initial = initial
         self._maximum = maximum
         self._attempt = 0
 
@@ -44,9 +46,7 @@ class Backoff:
 
     def failed(self, retry_after: float | None = None) -> float:
         self._attempt += 1
-        state = RetryCallState(None, None, (), {})  # type: ignore[arg-type]  # only attempt_number is read
-        state.attempt_number = self._attempt
-        delay = float(self._wait(state))
+        delay = random.uniform(0, min(self._maximum, self._initial * 2.0 ** min(self._attempt - 1, 64)))
         if retry_after is not None:
             delay = max(delay, min(retry_after, self._maximum))
         return delay
