@@ -2,12 +2,13 @@
 one QoS 1 PUBLISH per chunk.
 
 Owns: the window of chunks published and not yet acknowledged (the broker's
-Receive Maximum lowers it), the bandwidth cap, deleting a chunk only when its
-PUBACK carries a success reason code, handling failure codes by meaning
-(retry, split, dead letter), and splitting chunks the broker cannot take:
-before sending when they exceed the broker's Maximum Packet Size, after the
-fact when a connection ends on a refused packet. The connection itself (TLS,
-reconnects, status topic, watchdog) belongs to `edgeagent.mqtt.MqttSession`.
+Receive Maximum lowers it), the bandwidth cap, and what a PUBACK's reason code
+means as a delivery outcome (`edgeagent.uploaders.outcome` settles it: delete
+only on a success code, retry, split or dead letter). A chunk above the
+broker's Maximum Packet Size is split before it is sent, and one in flight
+alone when a connection ends on a refused packet is split after the fact. The
+connection itself (TLS, reconnects, status topic, watchdog) belongs to
+`edgeagent.mqtt.MqttSession`.
 
 The spool is the only queue: a chunk goes to the session at most once per
 connection, and one whose PUBACK did not come (connection lost) is published
@@ -32,6 +33,7 @@ from edgeagent.mqtt.session import MqttSession, PublishResult
 from edgeagent.pipeline import UploaderContext
 from edgeagent.spool import StoredChunk
 from edgeagent.uploaders import Backoff
+from edgeagent.uploaders.outcome import Delivered, Outcome, Rejected, Retry, Settled, Split, settle
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +216,7 @@ class MqttUploader:
             # Corrected times and the offset they match: a split below inherits both (never shifted twice).
             chunk = self._ctx.corrected(chunk)
         except codec.CorruptChunk as e:
-            self._dead_letter(chunk, f"chunk payload is corrupt and cannot be sent: {e}")
+            self._apply([chunk], Rejected(f"chunk payload is corrupt and cannot be sent: {e}"))
             return True
         payload = chunk.payload
         properties = self._properties(chunk) if self.v5 else None
@@ -222,7 +224,7 @@ class MqttUploader:
         if limit:
             size = mqttc.publish_size(self.topic, payload, properties)
             if size > limit:
-                self._split(chunk, f"{size} bytes exceed the broker's maximum packet size {limit}")
+                self._apply([chunk], Split(f"{size} bytes exceed the broker's maximum packet size {limit}"))
                 return True
         result = self.session.publish_nowait(self.topic, payload, qos=1, properties=properties)
         if result.done() and not result.result().ok and not result.result().reason_code:
@@ -250,27 +252,37 @@ class MqttUploader:
         if not done or self._ctx is None or self.session is None:
             return
         self._inflight = [entry for entry in self._inflight if not entry.result.done()]
-        acked: list[_InFlight] = []
+        acked: list[StoredChunk] = []
         lost: list[_InFlight] = []
         for entry in done:
             result = entry.result.result()
             if result.ok:
-                acked.append(entry)
+                acked.append(entry.chunk)
             elif result.connection_lost:
                 lost.append(entry)
             else:
-                self._refused(entry, result)
+                self.counters.failed += 1
+                self._refused(entry.chunk, self._outcome(entry.chunk, result))
         if lost:
             self._lost(lost, lost[0].result.result().reason_code or 0)
         if acked:
-            self._ctx.spool.ack([entry.chunk.id for entry in acked])
-            self.counters.acked += len(acked)
-            self.counters.acked_records += sum(entry.chunk.records for entry in acked)
-            self.backoff.succeeded()
-            self._ctx.credentials_accepted()
+            self._apply(acked, Delivered())
             if self._probing:
                 self._probing = False
                 self._window = max(1, min(self.upload.window, self.session.receive_maximum or 65535))
+
+    def _outcome(self, chunk: StoredChunk, result: PublishResult) -> Outcome:
+        """What a PUBACK with a failure reason code means for `chunk`."""
+        code = result.reason_code or 0
+        what = f"broker answered {result.reason} for chunk {chunk.chunk_id}"
+        if code in PERMANENT_FAILURES:
+            return Rejected(f"{what} on topic {self.topic!r}")
+        if code == RC_PACKET_TOO_LARGE:
+            return Split(what)
+        if code == RC_NOT_AUTHORIZED:  # the ACL or credentials need fixing, the data is fine
+            problem = f"broker answered {result.reason} on topic {self.topic!r}: fix its ACL or the credentials"
+            return Retry(problem, credentials=True)
+        return Retry(what)  # quota exceeded and anything else: retry later
 
     def _lost(self, lost: list[_InFlight], code: int) -> None:
         """The connection ended before these were acknowledged: they are sent again
@@ -282,50 +294,34 @@ class MqttUploader:
             return
         if len(lost) == 1 and lost[0].chunk.records > 1:
             # Only a guess (a broken or hostile broker ends connections this way too), so a
-            # chunk that cannot be split further is kept and retried, never dead-lettered.
-            self._split(lost[0].chunk, f"the connection ended (0x{code:02x}) with only this chunk in flight")
+            # chunk of one record is kept and retried, never dead-lettered.
+            self._apply([lost[0].chunk], Split(f"the connection ended (0x{code:02x}) with only this chunk in flight"))
         self._probing = True
         self._window = 1
 
-    def _refused(self, entry: _InFlight, result: PublishResult) -> None:
-        self.counters.failed += 1
-        code = result.reason_code or 0
-        what = f"broker answered {result.reason} for chunk {entry.chunk.chunk_id}"
-        if code in PERMANENT_FAILURES:
-            self._dead_letter(entry.chunk, f"{what} on topic {self.topic!r}")
-        elif code == RC_PACKET_TOO_LARGE:
-            self._split(entry.chunk, what)
-        else:
-            # Not authorized: the ACL or credentials need fixing, the data is kept. Quota
-            # exceeded and anything else: retry later. Both on the backoff schedule.
-            delay = self.backoff.failed()
-            self._paused_until = time.monotonic() + delay
-            self._cursor = min(self._cursor, entry.chunk.id - 1)
-            if code == RC_NOT_AUTHORIZED:
-                assert self._ctx is not None
-                problem = f"broker answered {result.reason} on topic {self.topic!r}: fix its ACL or the credentials"
-                self._ctx.credentials_refused(problem)
-                self.last_error, self.last_error_at = problem, time.time()  # logged once by credentials_refused
-            else:
-                self._set_error(f"{what}; retrying in {delay:.1f}s")
-
-    def _dead_letter(self, chunk: StoredChunk, reason: str) -> None:
-        assert self._ctx is not None
-        self._ctx.reject([chunk.id], reason)
-        self.counters.dead_letters += 1
-        self._set_error(f"dead letter: {reason}")
-
-    def _split(self, chunk: StoredChunk, reason: str) -> None:
-        """Replace a chunk the broker finds too large by two halves, sent later."""
-        assert self._ctx is not None
-        try:
-            parts = self._ctx.codec.split(chunk.payload)
-        except (codec.CannotSplit, codec.CorruptChunk) as e:  # one record, or a corrupt chunk: it can never fit
-            self._dead_letter(chunk, f"{reason}; cannot split: {e}")
+    def _refused(self, chunk: StoredChunk, outcome: Outcome) -> None:
+        settled = self._apply([chunk], outcome)
+        if not isinstance(outcome, Retry):
             return
-        self._ctx.spool.split(chunk, parts)
-        self.counters.splits += 1
-        log.warning("mqtt: %s; split chunk %s into %d parts", reason, chunk.chunk_id, len(parts))
+        delay = settled.retry_in or 0.0
+        self._paused_until = time.monotonic() + delay
+        self._cursor = min(self._cursor, chunk.id - 1)
+        if outcome.credentials:
+            self.last_error, self.last_error_at = outcome.reason, time.time()  # logged once by credentials_refused
+        else:
+            self._set_error(f"{outcome.reason}; retrying in {delay:.1f}s")
+
+    def _apply(self, chunks: list[StoredChunk], outcome: Outcome) -> Settled:
+        """`outcome.settle`, and what it did in the counters and status."""
+        assert self._ctx is not None
+        settled = settle(self._ctx, chunks, outcome, self.backoff)
+        self.counters.acked += settled.acked
+        self.counters.acked_records += settled.acked_records
+        self.counters.dead_letters += settled.dead_lettered
+        self.counters.splits += settled.split
+        if settled.dead_letter_reason:
+            self._set_error(f"dead letter: {settled.dead_letter_reason}")
+        return settled
 
     # --- timing ---------------------------------------------------------------------
 

@@ -59,6 +59,7 @@ from edgeagent.uploaders.http11 import (
     read_response,
 )
 from edgeagent.uploaders.otlp_answer import explanation, parse_partial_success
+from edgeagent.uploaders.outcome import Delivered, Outcome, Rejected, Retry, Settled, Split, settle
 
 log = logging.getLogger(__name__)
 
@@ -257,39 +258,42 @@ class OtlpHttpUploader:
     async def _attempt(self, ctx: UploaderContext, request: _Request) -> None:
         self._counters["requests"] += 1
         self._counters["sent_chunks"] += len(request.chunks)
+        outcome: Outcome
         try:
             response = await self._exchange(request)
         except (OSError, EOFError, TimeoutError, ProtocolError) as e:
             self._set_reachable(False)
-            await self._retry_later(ctx, _describe(e), None)
-            return
-        self._set_reachable(True)
-        self._last_status = response.status
-        status = response.status
-        ids = [c.id for c in request.chunks]
-        if 200 <= status < 300:
-            self._delivered(ctx, request, response)
-        elif status == 413:
-            self._too_large(ctx, request, response)
-        elif status in _CREDENTIALS:
-            what = f"HTTP {status} {response.reason}: {explanation(response)} (check otlp_http.headers)"
-            ctx.credentials_refused(what)
-            await self._retry_later(ctx, what, parse_retry_after(response.headers.get("retry-after")))
-        elif 400 <= status < 500 and status not in _RETRYABLE:
-            reason = f"HTTP {status} {response.reason} from {self._endpoint}: {explanation(response)}"
-            self._note_error(reason)
-            self._counters["rejected_chunks"] += ctx.reject(ids, reason)
+            outcome = Retry(_describe(e))
         else:
-            retry_after = parse_retry_after(response.headers.get("retry-after"))
-            what = f"HTTP {status} {response.reason}"
-            if 300 <= status < 400:
-                location = printable(response.headers.get("location", "?"), 200)
-                what += f" (redirect to {location} not followed: fix otlp_http.endpoint)"
-            elif status >= 400 and response.body:
-                what += f": {explanation(response)}"
-            await self._retry_later(ctx, what, retry_after)
+            self._set_reachable(True)
+            self._last_status = response.status
+            outcome = self._outcome(request, response)
+        settled = self._apply(ctx, request.chunks, outcome)
+        if isinstance(outcome, Retry):
+            await self._retry_later(ctx, outcome, settled.retry_in or 0.0)
 
-    def _delivered(self, ctx: UploaderContext, request: _Request, response: Response) -> None:
+    def _outcome(self, request: _Request, response: Response) -> Outcome:
+        """What an HTTP answer means for the request's chunks."""
+        status = response.status
+        if 200 <= status < 300:
+            return self._delivered(request, response)
+        if status == 413:
+            return self._too_large(request, response)
+        retry_after = parse_retry_after(response.headers.get("retry-after"))
+        if status in _CREDENTIALS:
+            what = f"HTTP {status} {response.reason}: {explanation(response)} (check otlp_http.headers)"
+            return Retry(what, retry_after, credentials=True)
+        if 400 <= status < 500 and status not in _RETRYABLE:
+            return Rejected(f"HTTP {status} {response.reason} from {self._endpoint}: {explanation(response)}")
+        what = f"HTTP {status} {response.reason}"
+        if 300 <= status < 400:
+            location = printable(response.headers.get("location", "?"), 200)
+            what += f" (redirect to {location} not followed: fix otlp_http.endpoint)"
+        elif status >= 400 and response.body:
+            what += f": {explanation(response)}"
+        return Retry(what, retry_after)
+
+    def _delivered(self, request: _Request, response: Response) -> Delivered:
         rejected, message = parse_partial_success(response.body, response.headers.get("content-type", ""))
         if rejected > request.records:
             log.warning(
@@ -300,59 +304,58 @@ class OtlpHttpUploader:
                 request.records,
             )
             rejected = request.records
-        acked = ctx.spool.ack([c.id for c in request.chunks])
-        ctx.credentials_accepted()
-        self._counters["acked_chunks"] += acked
-        self._counters["acked_records"] += request.records
-        self._backoff.succeeded()
-        self._retry_delay = self._retry_after = self._next_attempt_at = None
-        self._last_success_at = time.time()
-        if rejected > 0:
-            # The chunk is gone from the spool either way: OTLP forbids retrying a
-            # partial success, and the receiver would refuse the same records again.
-            self._counters["rejected_records"] += rejected
-            ctx.report_rejected(rejected, message or "partial success without a message", request.chunks)
-            self._note_error(f"receiver rejected {rejected} of {request.records} records: {message or '(no message)'}")
-            log.warning(
-                "%s accepted chunk(s) %s but rejected %d of %d records: %s",
-                self._endpoint,
-                ",".join(c.chunk_id for c in request.chunks),
-                rejected,
-                request.records,
-                message or "(no message)",
-            )
+        return Delivered(rejected, message)
 
-    def _too_large(self, ctx: UploaderContext, request: _Request, response: Response) -> None:
+    def _too_large(self, request: _Request, response: Response) -> Outcome:
         if request.records <= 1:
-            reason = (
+            return Rejected(
                 f"HTTP 413 from {self._endpoint}: a single record of {request.raw_size} bytes is larger than the "
                 f"receiver accepts: {explanation(response)}"
             )
-            self._note_error(reason)
-            self._counters["rejected_chunks"] += ctx.reject([c.id for c in request.chunks], reason)
-            return
         # Next requests stay under half of what was refused; a chunk above that is
-        # split before it is sent (see _next_request). Halving ends at single records.
+        # split (now, or before it is sent: see _select). Halving ends at single records.
         self._learned_limit = max(1, min(self._learned_limit, request.raw_size // 2))
-        self._note_error(
+        what = (
             f"HTTP 413: request of {request.raw_size} bytes too large; now sending at most "
             f"{self._learned_limit} bytes a request"
         )
+        self._note_error(what)
         log.warning("%s refused %d bytes as too large (413); splitting", self._endpoint, request.raw_size)
+        return Split(what, self._learned_limit, certain=len(request.chunks) == 1)
 
-    async def _retry_later(self, ctx: UploaderContext, what: str, retry_after: float | None) -> None:
+    def _apply(self, ctx: UploaderContext, chunks: list[StoredChunk], outcome: Outcome) -> Settled:
+        """`outcome.settle`, and what it did in the counters and status."""
+        settled = settle(ctx, chunks, outcome, self._backoff)
+        self._counters["acked_chunks"] += settled.acked
+        self._counters["acked_records"] += settled.acked_records
+        self._counters["rejected_chunks"] += settled.dead_lettered
+        self._counters["split_chunks"] += settled.split
+        if settled.dead_letter_reason:
+            self._note_error(settled.dead_letter_reason)
+        if isinstance(outcome, Delivered):
+            self._retry_delay = self._retry_after = self._next_attempt_at = None
+            self._last_success_at = time.time()
+            if outcome.rejected_records > 0:
+                self._counters["rejected_records"] += outcome.rejected_records
+                self._note_error(
+                    f"receiver rejected {outcome.rejected_records} of {settled.acked_records} records: "
+                    f"{outcome.message or '(no message)'}"
+                )
+        return settled
+
+    async def _retry_later(self, ctx: UploaderContext, retry: Retry, delay: float) -> None:
         self._counters["failed_requests"] += 1
-        delay = self._backoff.failed(retry_after)
         self._retry_delay = delay
-        self._retry_after = retry_after
+        self._retry_after = retry.after
         self._next_attempt_at = time.time() + delay
+        what = retry.reason
         if what != self._last_error:
             log.warning("upload to %s failed: %s; retrying in %.1fs", self._endpoint, what, delay)
         else:
             log.debug("upload to %s failed again: %s; retrying in %.1fs", self._endpoint, what, delay)
         self._note_error(what)
         self._state = "backoff"
-        await self._wait_retry(ctx, delay, server_asked=retry_after is not None)
+        await self._wait_retry(ctx, delay, server_asked=retry.after is not None)
 
     async def _wait_retry(self, ctx: UploaderContext, delay: float, server_asked: bool) -> None:
         """Sleep until the retry is due; a wake that is not about new data (network
@@ -384,7 +387,7 @@ class OtlpHttpUploader:
                 return self._select(ctx)
             except _CorruptChunk as e:
                 reason = f"chunk {e.chunk.chunk_id} is corrupt in the spool ({e.error}); it cannot be sent"
-                self._counters["rejected_chunks"] += ctx.reject([e.chunk.id], reason)
+                self._apply(ctx, [e.chunk], Rejected(reason))
 
     def _select(self, ctx: UploaderContext) -> _Request | None:
         """See `_next_request`. Chunks are read one at a time so memory stays at
@@ -408,9 +411,10 @@ class OtlpHttpUploader:
             if chunks and (sum(sizes) + size > limit):
                 break  # goes first in the next request
             if size > limit and chunk.records > 1:
-                with _corrupt_as(chunk):
-                    if self._split(ctx, chunk, payload, limit):
-                        continue  # its parts are queued behind the newer chunks (spool.split)
+                reason = f"chunk of {size} bytes, above the {limit} bytes a request may hold"
+                settled = self._apply(ctx, [chunk], Split(reason, limit, certain=False))
+                if settled.split or settled.dead_lettered:
+                    continue  # its parts are queued behind the newer chunks (spool.split)
             chunks.append(chunk)
             payloads.append(payload)
             sizes.append(size)
@@ -423,24 +427,6 @@ class OtlpHttpUploader:
         except codec.CorruptChunk as e:
             raise _CorruptChunk(chunks[e.index], e) from e
         return _Request(chunks, body, sum(sizes), sum(c.records for c in chunks))
-
-    def _split(self, ctx: UploaderContext, chunk: StoredChunk, payload: bytes, limit: int) -> bool:
-        """Replace `chunk` in the spool by parts under `limit` bytes each; False when
-        it cannot be split (a single record above the limit, which is then sent as is)."""
-        try:
-            parts = ctx.codec.split_to_fit(payload, limit)
-        except codec.CannotSplit:  # one record (or damage inside it): the receiver decides
-            return False
-        ctx.spool.split(chunk, parts)
-        self._counters["split_chunks"] += 1
-        log.info(
-            "chunk %s (%d bytes) split into %d parts of at most %d bytes",
-            chunk.chunk_id,
-            len(payload),
-            len(parts),
-            limit,
-        )
-        return True
 
     # --- HTTP/1.1 -----------------------------------------------------------------
 
