@@ -181,7 +181,7 @@ class MqttBackend(Backend):
     def config(self) -> str:
         return COMMON + (
             '[upload]\nto = "mqtt"\nwindow = 4\nretry_initial = "200ms"\nretry_max = "2s"\nshutdown_timeout = "2s"\n'
-            f'[mqtt]\nurl = "{self.url}"\nkeepalive = "2s"\nconnect_timeout = "3s"\nfirst_connect_delay = "0s"\n'
+            f'[mqtt]\nurl = "{self.url}"\nconnect_timeout = "3s"\nfirst_connect_delay = "0s"\n'
         )
 
     def build(self, config: Config, spool: Spool) -> tuple[MqttSession | None, Uploader]:
