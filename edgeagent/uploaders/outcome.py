@@ -12,8 +12,8 @@ place finalizes it). The rules, the same for every uploader:
   (`rejected_records`, OTLP partial success) are counted and shipped as a loss
   record (guarantee 5); they are never sent again.
 - `Retry(reason, after)`: nothing changes in the spool; the chunks go again,
-  oldest first, under the same chunk ids, after the backoff (at least `after`
-  seconds when the receiver asked for it, capped by `[upload].retry_max`).
+  under the same chunk ids, after the backoff (at least `after` seconds when
+  the receiver asked for it, capped by `[upload].retry_max`).
   `credentials=True`: the receiver refused who we are, not what we sent (HTTP
   401/403/407, MQTT 0x87): `status` shows it until a delivery succeeds, and the
   chunks are never dead-lettered for it.
@@ -29,9 +29,12 @@ place finalizes it). The rules, the same for every uploader:
   limit); otherwise it stays as it is and the receiver decides. A chunk that
   cannot be decoded is rejected.
 
-No answer at all (a lost connection, a timeout, the agent killed) is not an
-outcome: nothing is settled, so the chunks stay in the spool and are sent
-again (at-least-once; receivers drop resends by chunk id).
+Without an acknowledgement nothing is deleted: OTLP/HTTP maps a failed
+exchange (connection refused, reset, timeout) to `Retry`; MQTT settles nothing
+for chunks whose connection ended (its session reconnects with its own
+backoff); an agent killed settles nothing at all. The chunks stay in the spool
+and are sent again under the same chunk ids (at-least-once; receivers drop
+resends by chunk id).
 """
 
 from __future__ import annotations
