@@ -29,11 +29,12 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from edgeagent import loss
 from edgeagent.clock import Clock, ClockState, monotonic_ns
 from edgeagent.codec import ChunkCodec
 from edgeagent.config import Config, SpoolConfig
 from edgeagent.otlp import ChunkEncoder
-from edgeagent.records import SEVERITY_WARN, Batch, Record
+from edgeagent.records import Batch, Record
 from edgeagent.refusals import DEFAULT_INTERVAL, RefusalReports, ShipLoss
 from edgeagent.spool import Eviction, NewChunk, Spool, StoredChunk
 
@@ -285,18 +286,14 @@ class Batcher:
 
     def _report_evictions(self, evictions: list[Eviction]) -> None:
         records = [
-            Record(
+            loss.record(
+                loss.SPOOL_FULL,
                 f"edgeagent: spool full, dropped {ev.records} records in {ev.chunks} chunks "
                 f"({ev.bytes} bytes compressed) to stay under the spool size cap",
-                SEVERITY_WARN,
-                "WARN",
-                {
-                    "edgeagent.loss.reason": "spool_full",
-                    "edgeagent.loss.records": ev.records,
-                    "edgeagent.loss.chunks": ev.chunks,
-                    "edgeagent.loss.oldest_unix_nano": ev.oldest_ns,
-                    "edgeagent.loss.newest_unix_nano": ev.newest_ns,
-                },
+                records=ev.records,
+                chunks=ev.chunks,
+                byte_count=ev.bytes,
+                extra={loss.OLDEST_UNIX_NANO: ev.oldest_ns, loss.NEWEST_UNIX_NANO: ev.newest_ns},
             )
             for ev in evictions
         ]
@@ -306,7 +303,7 @@ class Batcher:
         """Quarantines and what a salvage could not recover, as records (guarantee 5)."""
         losses = self.spool.take_losses()
         if losses:
-            self._ship([Record(text, SEVERITY_WARN, "WARN", attributes) for text, attributes in losses])
+            self._ship(losses)
 
     def _ship(self, records: list[Record]) -> None:
         """Records about the agent's own losses: committed at once (the counters

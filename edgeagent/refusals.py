@@ -1,8 +1,9 @@
 """Reports of what a receiver refused for good, without ever feeding a refusal loop.
 
-Owns the loss records about refusals (guarantee 5): chunks moved to the dead
-letters (`rejected`) and records a receiver dropped from an accepted request
-(OTLP partial success, `partially_rejected`). What it guarantees:
+Owns the reports about refusals (guarantee 5; the records are built by
+`loss.record`): chunks moved to the dead letters (`rejected`) and records a
+receiver dropped from an accepted request (OTLP partial success,
+`partially_rejected`). What it guarantees:
 
 - every refusal is counted in the spool when it happens (`dead_letter_*`,
   `rejected_records`, and the `unreported_*` counters of what no record has
@@ -25,16 +26,14 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 
+from edgeagent import loss
 from edgeagent.codec import ChunkCodec, CorruptChunk
-from edgeagent.records import SEVERITY_WARN, Record
+from edgeagent.records import Record
 from edgeagent.spool import Spool, StoredChunk
 
 log = logging.getLogger(__name__)
 
-LOSS_REASON = "edgeagent.loss.reason"
-REJECTED = "rejected"
-PARTIALLY_REJECTED = "partially_rejected"
-KINDS = (REJECTED, PARTIALLY_REJECTED)
+KINDS = (loss.REJECTED, loss.PARTIALLY_REJECTED)
 DEFAULT_INTERVAL = 60.0
 # A chunk of reports only is small: larger ones are real data, not worth decoding to check.
 _MAX_REPORT_RECORDS = 64
@@ -78,7 +77,7 @@ class RefusalReports:
         """`chunks` were just moved to the dead letters."""
         fresh = [c for c in chunks if not only_reports(c)]
         if fresh:
-            self._add(REJECTED, sum(c.records for c in fresh), len(fresh), reason)
+            self._add(loss.REJECTED, sum(c.records for c in fresh), len(fresh), reason)
         elif chunks:
             log.info("a chunk holding only refusal reports was refused too; counted, not reported again")
 
@@ -86,7 +85,7 @@ class RefusalReports:
         """An accepted request of `chunks` had `records` dropped by the receiver."""
         if chunks and all(only_reports(c) for c in chunks):
             return
-        self._add(PARTIALLY_REJECTED, records, 0, reason)
+        self._add(loss.PARTIALLY_REJECTED, records, 0, reason)
 
     def _add(self, kind: str, records: int, chunks: int, reason: str) -> None:
         pending = self._pending.setdefault(kind, [0, 0])
@@ -135,16 +134,12 @@ class RefusalReports:
         taken = {name: -self._persisted.pop(name, 0) for name in (_counter(kind, "records"), _counter(kind, "chunks"))}
         what = f"{records} records" + (f" in {chunks} chunks moved to the dead letters" if chunks else "")
         self._ship(
-            Record(
+            loss.record(
+                kind,
                 f"edgeagent: the receiver refused {what} for good (last reason: {reason})",
-                SEVERITY_WARN,
-                "WARN",
-                {
-                    LOSS_REASON: kind,
-                    "edgeagent.loss.records": records,
-                    "edgeagent.loss.chunks": chunks,
-                    "edgeagent.loss.detail": reason[:500],
-                },
+                records=records,
+                chunks=chunks,
+                detail=reason,
             ),
             {name: value for name, value in taken.items() if value},
         )
@@ -163,5 +158,5 @@ def only_reports(chunk: StoredChunk) -> bool:
         records = ChunkCodec().records(chunk.payload, max_size=4 * _MAX_REPORT_BYTES)
     except CorruptChunk:
         return False
-    kinds = [record["attributes"].get(LOSS_REASON) for record in records]
+    kinds = [record["attributes"].get(loss.REASON) for record in records]
     return bool(kinds) and all(kind in KINDS for kind in kinds)

@@ -29,10 +29,11 @@ import struct
 import time
 from typing import Any
 
+from edgeagent import loss
 from edgeagent.clock import monotonic_ns
 from edgeagent.config import Config
 from edgeagent.pipeline import SourceContext
-from edgeagent.records import SEVERITY_WARN, Attributes, Batch, Record, syslog_severity
+from edgeagent.records import Attributes, Batch, Record, syslog_severity
 from edgeagent.sources.kmsg import FACILITY_NAMES
 from edgeagent.sources.lines import cut_utf8
 
@@ -65,7 +66,6 @@ FIELD_ATTRIBUTES: dict[str, tuple[str, bool]] = {
 SKIPPED_FIELDS = frozenset({"MESSAGE", "SYSLOG_RAW", "SYSLOG_TIMESTAMP", "SYSLOG_PID", "SYSLOG_FACILITY"})
 ATTR_BOOT_ID = "boot.id"
 ATTR_FACILITY = "syslog.facility"
-ATTR_TRUNCATED = "edgeagent.line.truncated"
 _TRUNCATED_MARK = "__EDGEAGENT_TRUNCATED"
 
 
@@ -187,7 +187,7 @@ def entry_record(entry: dict[str, bytes], boot_hex: str, offset_ns: int) -> Reco
         elif not name.startswith("_"):
             attrs["journald." + name.lower()] = raw.decode("utf-8", "replace")
     if entry.get(_TRUNCATED_MARK):
-        attrs[ATTR_TRUNCATED] = True
+        attrs.update(loss.truncated())
     if "process.pid" not in attrs and entry.get("SYSLOG_PID", b"").isdigit():
         attrs["process.pid"] = int(entry["SYSLOG_PID"][:18])
     facility = entry.get("SYSLOG_FACILITY", b"")
@@ -403,15 +403,6 @@ class JournaldSource:
         )
         log.warning("%s", text)
         ctx.count({"journald_gaps": 1})
-        record = Record(
-            text,
-            SEVERITY_WARN,
-            "WARN",
-            {
-                "edgeagent.loss.reason": "journal_cursor_gone",
-                "edgeagent.loss.source": SOURCE,
-                "journald.cursor": cursor,
-            },
-        )
+        record = loss.record(loss.JOURNAL_CURSOR_GONE, text, source=SOURCE, extra={"journald.cursor": cursor})
         # Stored with an empty cursor, so a crash before the next entry is committed does not report it twice.
         ctx.emit_nowait(Batch(SOURCE, [record], monotonic_ns(), ctx.boot_id, position=(self.key, "")))

@@ -42,11 +42,12 @@ import re
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from edgeagent import loss
 from edgeagent.clock import monotonic_ns
 from edgeagent.config import Config
 from edgeagent.errors import MalformedRecord
 from edgeagent.pipeline import SourceContext
-from edgeagent.records import SEVERITY_WARN, Attributes, Batch, Record, syslog_severity
+from edgeagent.records import Attributes, Batch, Record, syslog_severity
 
 log = logging.getLogger(__name__)
 
@@ -480,17 +481,11 @@ class KmsgSource:
             f"in the kernel ring buffer {when}"
         )
         log.warning("%s", message)
-        return Record(
+        return loss.record(
+            loss.KMSG_OVERWRITTEN,
             message,
-            SEVERITY_WARN,
-            "WARN",
-            {
-                "edgeagent.loss.reason": "kmsg_overwritten",
-                "edgeagent.loss.records": count,
-                "edgeagent.loss.first_sequence": first,
-                "edgeagent.loss.last_sequence": last,
-                "edgeagent.loss.cause": cause,
-                "edgeagent.loss.source": self.name,
-            },
-            time_mono_ns,
+            records=count,
+            source=self.name,
+            extra={loss.FIRST_SEQUENCE: first, loss.LAST_SEQUENCE: last, loss.CAUSE: cause},
+            time_mono_ns=time_mono_ns,
         )

@@ -10,17 +10,16 @@ Invariants:
 - Bodies come out as valid UTF-8: decoded from a declared ASCII-compatible
   encoding, or with invalid bytes replaced by U+FFFD; never dropped.
 - Every cut body becomes a record marked `edgeagent.line.truncated`, with
-  `edgeagent.line.original_bytes` when the full length is known (guarantee 5:
-  no silent loss); the caller counts them.
+  `edgeagent.line.original_bytes` when the full length is known
+  (`loss.truncated`; guarantee 5: no silent loss); the caller counts them.
 """
 
 from __future__ import annotations
 
 import re
 
-from edgeagent.records import Attributes, Record
-
-TRUNCATED_ATTRS: Attributes = {"edgeagent.line.truncated": True}
+from edgeagent import loss
+from edgeagent.records import Record
 
 
 def cut_utf8(line: bytes, limit: int) -> bytes:
@@ -92,14 +91,8 @@ def marked_records(lines: list[bytes], truncated: dict[int, int]) -> list[Record
     records = []
     for i, line in enumerate(lines):
         original = truncated.get(i)
-        if original is None:
-            records.append(Record(line))
-        elif original < 0:  # length unknown: the rest is skipped as it arrives
-            records.append(Record(line, attributes=TRUNCATED_ATTRS))
-        else:
-            records.append(
-                Record(line, attributes={"edgeagent.line.truncated": True, "edgeagent.line.original_bytes": original})
-            )
+        # A negative length is unknown: the rest is skipped as it arrives.
+        records.append(Record(line) if original is None else Record(line, attributes=loss.truncated(original)))
     return records
 
 

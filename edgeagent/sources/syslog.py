@@ -39,10 +39,11 @@ import struct
 import time
 from typing import Any
 
+from edgeagent import loss
 from edgeagent.clock import monotonic_ns
 from edgeagent.config import Config, ConfigError, SyslogConfig, parse_listen
 from edgeagent.pipeline import SourceContext
-from edgeagent.records import SEVERITY_WARN, Attributes, Batch, Record
+from edgeagent.records import Attributes, Batch, Record
 from edgeagent.sources.lines import cut_utf8
 from edgeagent.sources.syslog_parse import parse_message
 
@@ -63,8 +64,6 @@ SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # Linux: SO_RCVBUF beyon
 ATTR_TRANSPORT = "network.transport"
 ATTR_PEER_ADDRESS = "network.peer.address"
 ATTR_PEER_PORT = "network.peer.port"
-ATTR_TRUNCATED = "edgeagent.line.truncated"
-ATTR_ORIGINAL_BYTES = "edgeagent.line.original_bytes"
 
 _OCTET_COUNT_RE = re.compile(rb"([1-9]\d{0,8}) ")
 _DELIMITER_RE = re.compile(rb"[\n\x00]")
@@ -389,16 +388,8 @@ class _Listener:
         count, self._unreported_drops = self._unreported_drops, 0
         text = f"edgeagent: {count} syslog datagrams received on {self.cfg.listen} were dropped"
         log.warning("syslog: %s", text)
-        record = Record(
-            text,
-            SEVERITY_WARN,
-            "WARN",
-            {
-                "edgeagent.loss.reason": "syslog_dropped",
-                "edgeagent.loss.records": count,
-                "edgeagent.loss.source": "syslog",
-                "syslog.listen": self.cfg.listen,
-            },
+        record = loss.record(
+            loss.SYSLOG_DROPPED, text, records=count, source=SOURCE, extra={"syslog.listen": self.cfg.listen}
         )
         ctx.emit_nowait(Batch(SOURCE, [record], monotonic_ns(), ctx.boot_id))
 
@@ -467,9 +458,7 @@ class _Listener:
             if original:
                 truncated += 1
                 assert record.attributes is not None
-                record.attributes[ATTR_TRUNCATED] = True
-                if original > 0:
-                    record.attributes[ATTR_ORIGINAL_BYTES] = original
+                record.attributes.update(loss.truncated(original))
             records.append(record)
         self.stats["messages"] += len(records)
         counters = {}

@@ -18,9 +18,10 @@ import os
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Self
+from typing import Self
 
 from edgeagent.errors import SpoolError, SpoolUnavailable
+from edgeagent.records import Record
 from edgeagent.spool.database import (
     _DIR_MODE,
     _FILE_MODE,
@@ -53,7 +54,7 @@ class SpoolBase:
         self._synchronous = "FULL" if durability == "full" else "NORMAL"
         self._journal_requested = journal
         self.events: list[str] = []  # what happened at open (quarantine, salvage), for the log
-        self._losses: list[tuple[str, dict[str, Any]]] = []  # loss records to ship (guarantee 5)
+        self._losses: list[Record] = []  # loss records to ship (guarantee 5)
         # Outcomes the uploader reported that could not be written yet (disk full):
         # retried before every write, and those chunks are not handed out again.
         self._unrecorded_acks: set[int] = set()
@@ -111,7 +112,7 @@ class SpoolBase:
             raise SpoolUnavailable(f"spool {path} is unavailable: {e.strerror or e}") from None
         spool = cls(conn, path, max_size, durability, mode, dead_letters_max)
         spool._journal_requested = journal
-        spool.events = events + [text for text, _ in losses]
+        spool.events = events + [str(lost.body) for lost in losses]
         spool._losses = losses
         spool._ensure_reserve()
         return spool
@@ -130,8 +131,8 @@ class SpoolBase:
             return None
         return cls(conn, path, 0, "full", "readonly", 0)
 
-    def take_losses(self) -> list[tuple[str, dict[str, Any]]]:
-        """Loss records (text, attributes) about the spool itself to ship:
+    def take_losses(self) -> list[Record]:
+        """Loss records about the spool itself to ship (built by `loss.record`):
         quarantines and what their salvage could not recover."""
         losses, self._losses = self._losses, []
         return losses
@@ -176,7 +177,7 @@ class SpoolBase:
         self.events = [_quarantine(self.path, reason)]
         self._conn, self.journal = _connect(self.path, self.durability, self._journal_requested, self.max_size)
         losses = _salvage_pending(self.path, self._conn)
-        self.events += [text for text, _ in losses]
+        self.events += [str(lost.body) for lost in losses]
         self._losses += losses
         self._unrecorded_acks.clear()  # the salvage copied what was in the file; ids are the same
         self._unrecorded_rejects.clear()

@@ -14,19 +14,20 @@ import sqlite3
 import time
 import zlib
 from pathlib import Path
-from typing import Any
 
+from edgeagent import loss
+from edgeagent.records import Record
 from edgeagent.spool.database import _CHUNK_COLUMNS, _bump
 
 _QUARANTINE_KEEP = 2  # salvaged copies kept for inspection; copies not salvaged yet are never deleted
 
 
-def _salvage_pending(path: Path, dest: sqlite3.Connection) -> list[tuple[str, dict[str, Any]]]:
+def _salvage_pending(path: Path, dest: sqlite3.Connection) -> list[Record]:
     """Salvage every quarantined copy of `path` that was not salvaged yet into
     `dest` (one transaction per copy, remembered in it), rename it
     `.salvaged-...`, and delete salvaged copies beyond the last few. A copy
     whose salvage did not finish is never deleted. Returns the loss records."""
-    losses = []
+    losses: list[Record | None] = []
     for copy in sorted(path.parent.glob(f"{path.name}.corrupt-*")):
         if copy.name.endswith(("-wal", "-shm")):
             continue
@@ -39,10 +40,10 @@ def _salvage_pending(path: Path, dest: sqlite3.Connection) -> list[tuple[str, di
     for stale in salvaged[:-_QUARANTINE_KEEP]:
         for suffix in ("", "-wal", "-shm"):
             Path(str(stale) + suffix).unlink(missing_ok=True)
-    return [loss for loss in losses if loss is not None]
+    return [lost for lost in losses if lost is not None]
 
 
-def _salvage_one(copy: Path, dest: sqlite3.Connection) -> tuple[str, dict[str, Any]] | None:
+def _salvage_one(copy: Path, dest: sqlite3.Connection) -> Record | None:
     """Copy what can still be read from the corrupt spool `copy` into `dest`
     in one transaction, count what could not be (from the copy's own
     counters where they are readable) and return the loss record."""
@@ -78,19 +79,15 @@ def _salvage_one(copy: Path, dest: sqlite3.Connection) -> tuple[str, dict[str, A
         if src is not None:
             src.close()
     records_text = "an unknown number of" if lost_records < 0 else str(lost_records)
-    text = (
+    return loss.record(
+        loss.SPOOL_CORRUPT,
         f"edgeagent: the spool was corrupt and was moved aside to {copy.name}; salvaged {got['chunks']} chunks "
-        f"({got['records']} records); lost {lost_chunks} chunks, {records_text} records, {lost_bytes} bytes"
+        f"({got['records']} records); lost {lost_chunks} chunks, {records_text} records, {lost_bytes} bytes",
+        records=lost_records if lost_records >= 0 else None,
+        chunks=lost_chunks,
+        byte_count=lost_bytes,
+        extra={"edgeagent.spool.quarantined": copy.name},
     )
-    attributes: dict[str, Any] = {
-        "edgeagent.loss.reason": "spool_corrupt",
-        "edgeagent.loss.chunks": lost_chunks,
-        "edgeagent.loss.bytes": lost_bytes,
-        "edgeagent.spool.quarantined": copy.name,
-    }
-    if lost_records >= 0:
-        attributes["edgeagent.loss.records"] = lost_records
-    return text, attributes
 
 
 def _copy_readable(src: sqlite3.Connection, dest: sqlite3.Connection) -> tuple[dict[str, int], dict[str, int]]:

@@ -30,6 +30,7 @@ import stat
 import time
 from typing import TYPE_CHECKING
 
+from edgeagent import loss
 from edgeagent.sources.files.state import FileSourceState, log
 
 if TYPE_CHECKING:
@@ -186,7 +187,7 @@ class Identity(FileSourceState):
         if not recovered and old_size > old_pos and old_fp:
             self._report_loss(
                 t.path,
-                "file_truncated",
+                loss.FILE_TRUNCATED,
                 f"edgeagent: {t.path} was truncated before its last {old_size - old_pos} bytes were read, "
                 "and no copy of it was found next to it",
             )

@@ -26,6 +26,7 @@ import json
 import os
 import stat
 
+from edgeagent import loss
 from edgeagent.clock import monotonic_ns
 from edgeagent.records import Batch
 from edgeagent.sources.files.discovery import SECTION_PREFIX, Group
@@ -161,14 +162,14 @@ class Positions(FileSourceState):
         elif truncated:
             self._report_loss(
                 entry.path,
-                "file_truncated",
+                loss.FILE_TRUNCATED,
                 f"edgeagent: {entry.path} was truncated while the agent was stopped and no copy of it was found "
                 f"next to it; lines it got after byte {entry.offset}, if any, were not read",
             )
         else:
             self._report_loss(
                 entry.path,
-                "file_rotated_away",
+                loss.FILE_ROTATED_AWAY,
                 f"edgeagent: {entry.path} was rotated or deleted while the agent was stopped and no file with its "
                 f"identity is left in {os.path.dirname(entry.at)}; lines it got after byte {entry.offset}, if "
                 "any, were not read",

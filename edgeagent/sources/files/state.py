@@ -17,8 +17,9 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
+from edgeagent import loss
 from edgeagent.clock import monotonic_ns
-from edgeagent.records import SEVERITY_WARN, Batch, Record
+from edgeagent.records import Batch
 
 if TYPE_CHECKING:
     from edgeagent.config import Config
@@ -110,7 +111,7 @@ class FileSourceState:
         self._stats["lost_files"] += 1
         ctx = self._require_ctx()
         ctx.count({"files_lost_" + reason: 1})
-        record = Record(text, SEVERITY_WARN, "WARN", {"edgeagent.loss.reason": reason, "log.file.path": path})
+        record = loss.record(reason, text, source=self.name, extra={"log.file.path": path})
         ctx.emit_nowait(Batch(self.name, [record], monotonic_ns(), ctx.boot_id))
 
     def _warn_once(self, key: str, message: str, *args: Any) -> None:
