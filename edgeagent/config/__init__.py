@@ -4,101 +4,49 @@ Every section is a frozen dataclass; a field's `metadata["kind"]` says how its
 TOML value is checked and converted (duration, size, choice, ...). Unknown keys
 are errors with a did-you-mean. Every error names the file, the line where it
 can be found, the dotted key, the bad value and what was expected.
+
+This module holds the sections, `Config` and loading (`load`, `loads`, checks
+across keys); `values` the value kinds, URLs and listen addresses; `loader`
+the conversion of TOML tables and the errors at a key's line; `files` the
+checks that need the files a config names. Every public name is importable
+from `edgeagent.config`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import re
 import socket
 import tomllib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgeagent.errors import ConfigError
-from edgeagent.records import SYSLOG_LEVEL_NAMES
+from edgeagent.config.files import check_mqtt_files as check_mqtt_files
+from edgeagent.config.loader import _Loader
+from edgeagent.config.loader import error_at as error_at
+from edgeagent.config.values import (
+    DURATION,
+    LOCAL_ONLY,
+    PRIORITY,
+    REDACTED,
+    REGEX,
+    SECRET,
+    SIZE,
+    _choice,
+    display_url,
+    parse_listen,
+    parse_url,
+)
+from edgeagent.config.values import Address as Address
+from edgeagent.config.values import parse_duration as parse_duration
+from edgeagent.config.values import parse_priority as parse_priority
+from edgeagent.config.values import parse_size as parse_size
+from edgeagent.errors import ConfigError as ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/edgeagent/edgeagent.toml")
 DEFAULT_STATE_DIR = Path("/var/lib/edgeagent")
-
-
-# --- value kinds ----------------------------------------------------------------
-
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB|k|K|M|G)?\s*$")
-_SIZE_UNITS = {
-    None: 1,
-    "B": 1,
-    "KB": 1000,
-    "MB": 1000**2,
-    "GB": 1000**3,
-    "k": 1024,
-    "K": 1024,
-    "KiB": 1024,
-    "M": 1024**2,
-    "MiB": 1024**2,
-    "G": 1024**3,
-    "GiB": 1024**3,
-}
-
-
-def parse_duration(value: Any) -> float:
-    """'500ms', '5s', '2m', '1h', '1d' -> seconds. A bare number is seconds."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
-        return float(value)
-    if isinstance(value, str):
-        m = _DURATION_RE.match(value)
-        if m:
-            return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-    raise ValueError('a duration like "500ms", "5s", "2m", "1h"')
-
-
-def parse_size(value: Any) -> int:
-    """'64MiB', '512KiB', '1GB', 4096 -> bytes."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    if isinstance(value, str):
-        m = _SIZE_RE.match(value)
-        if m:
-            return int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
-    raise ValueError('a size like "64MiB", "512KiB", "1GB" or a number of bytes')
-
-
-def parse_priority(value: Any) -> int:
-    """A syslog level name ('warning') or number 0-7."""
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 7:
-        return value
-    if isinstance(value, str):
-        if value.strip().isdigit() and 0 <= int(value) <= 7:
-            return int(value)
-        level = SYSLOG_LEVEL_NAMES.get(value.strip().lower())
-        if level is not None:
-            return level
-    names = ", ".join(sorted(set(SYSLOG_LEVEL_NAMES) - {"error", "warn"}, key=lambda name: SYSLOG_LEVEL_NAMES[name]))
-    raise ValueError(f"a priority name ({names}) or a number 0-7")
-
-
-def _choice(*choices: str) -> dict[str, Any]:
-    return {"kind": "choice", "choices": choices}
-
-
-# Never settable by remote (fleet) config, whatever `[fleet] allow` says: the device's identity and state,
-# what it executes or opens as a device, its TLS material and its credentials (docs/fleet.md).
-LOCAL_ONLY = {"local_only": True}
-# A secret's value never appears in output: check-config, errors, logs, status. Secrets are local-only too.
-SECRET = {"secret": True, "local_only": True}
-REDACTED = "<redacted>"
-
-DURATION = {"kind": "duration"}
-SIZE = {"kind": "size"}
-PRIORITY = {"kind": "priority"}
-REGEX = {"kind": "regex"}
 
 
 # --- sections -------------------------------------------------------------------
@@ -336,61 +284,6 @@ def secret_values(config: Config) -> set[str]:
     return {value for value in found if len(value) >= 4}
 
 
-# --- URLs -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Address:
-    """Where a URL points: scheme, host (an IPv6 literal without brackets),
-    port (the scheme's default when the URL has none), path."""
-
-    scheme: str
-    host: str
-    port: int
-    path: str
-
-    @property
-    def tls(self) -> bool:
-        return self.scheme in ("mqtts", "https")
-
-
-_DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883, "http": 80, "https": 443}
-
-
-def display_url(url: str) -> str:
-    """`url` with any password in it replaced, fit for errors and logs."""
-    return re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)([^/@]*)@", lambda m: m.group(1) + REDACTED + "@", url)
-
-
-def parse_url(url: str, schemes: tuple[str, ...], with_path: bool) -> Address:
-    """Parse and check a broker or collector URL. Raises ValueError saying what
-    was expected. Credentials in URLs are refused: they would be shown in every
-    error, log line and status (use the username/password or headers keys)."""
-    from urllib.parse import urlsplit
-
-    shape = " or ".join(f"{s}://HOST[:PORT]{'[/PATH]' if with_path else ''}" for s in schemes)
-    if not isinstance(url, str) or any(c.isspace() for c in url):
-        raise ValueError(shape)
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as e:
-        detail = "a port number between 1 and 65535" if "port" in str(e).lower() else shape
-        raise ValueError(detail) from None
-    if parts.scheme not in schemes or not parts.hostname:
-        raise ValueError(shape)
-    if parts.username is not None or parts.password is not None:
-        raise ValueError(f"{shape} without credentials (they belong in the username/password or headers keys)")
-    if port == 0:
-        raise ValueError("a port number between 1 and 65535")
-    if not with_path and (parts.path not in ("", "/") or parts.query or parts.fragment):
-        raise ValueError(f"{shape} (no path, query or fragment)")
-    if parts.fragment:
-        raise ValueError(f"{shape} (no fragment)")
-    path = parts.path + (f"?{parts.query}" if parts.query else "")
-    return Address(parts.scheme, parts.hostname, port or _DEFAULT_PORTS[parts.scheme], path)
-
-
 # --- loading --------------------------------------------------------------------
 
 
@@ -519,20 +412,6 @@ def _check_fleet(fleet: FleetConfig, loader: _Loader) -> None:
         loader.fail("fleet.probation", fleet.probation, "a duration above zero")
 
 
-_LISTEN_RE = re.compile(r"^(udp|tcp)://(\[[0-9a-fA-F:.]+\]|[^/:\[\]]+):(\d{1,5})$|^(unix|unix-stream)://(/.+)$")
-
-
-def parse_listen(listen: str) -> tuple[str, str, int]:
-    """A [[syslog]] listen address as (transport, host or socket path, port or 0).
-    Transports: "udp", "tcp", "unix" (datagram), "unix-stream". Raises ValueError."""
-    m = _LISTEN_RE.match(listen)
-    if m is None or (m.group(3) and not 0 < int(m.group(3)) <= 65535):
-        raise ValueError("udp://HOST:PORT, tcp://HOST:PORT, unix:///PATH or unix-stream:///PATH")
-    if m.group(1):
-        return m.group(1), m.group(2).strip("[]"), int(m.group(3))
-    return m.group(4), m.group(5), 0
-
-
 def _check_syslog(config: Config, loader: _Loader) -> None:
     for i, syslog in enumerate(config.syslog):
         try:
@@ -550,184 +429,3 @@ def _check_syslog(config: Config, loader: _Loader) -> None:
             loader.fail("journald.matches", match, 'FIELD=VALUE (upper-case field name), or "+" (OR)')
     if config.journald.max_message_size < 1024:
         loader.fail("journald.max_message_size", config.journald.max_message_size, "at least 1KiB")
-
-
-class _Loader:
-    def __init__(self, source: str, text: str) -> None:
-        self.source = source
-        self.lines = text.splitlines()
-        self._secret_keys: set[str] = set()
-
-    def fail(self, key: str, value: Any, expected: str) -> typing.NoReturn:
-        where = self._line_of(key)
-        at = f":{where}" if where else ""
-        secret = any(key == k or key.startswith(k + ".") for k in self._secret_keys)
-        shown = REDACTED if secret else repr(value)
-        raise ConfigError(f"{self.source}{at}: {key} = {shown}: expected {expected}")
-
-    def _line_of(self, dotted: str) -> int | None:
-        """Best-effort line number of a key: the first `name =` after its table header."""
-        name = re.sub(r"\[\d+\]", "", dotted).split(".")
-        leaf = name[-1]
-        tables = ".".join(name[:-1])
-        in_table = not tables
-        for number, line in enumerate(self.lines, 1):
-            stripped = line.strip()
-            header = re.match(r"^\[\[?\s*([^\]]+?)\s*\]\]?", stripped)
-            if header:
-                in_table = header.group(1) == tables
-                continue
-            if in_table and re.match(rf'^"?{re.escape(leaf)}"?\s*=', stripped):
-                return number
-        if "." in dotted:  # a key inside an inline table: the line of the table's key
-            return self._line_of(dotted.rsplit(".", 1)[0])
-        return None
-
-    def section(self, cls: type, data: Any, prefix: str) -> Any:
-        if not isinstance(data, dict):
-            self.fail(prefix.rstrip("."), data, "a table")
-        hints = typing.get_type_hints(cls)
-        fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
-        for key in data:
-            if key not in fields:
-                close = difflib.get_close_matches(key, fields, n=1, cutoff=0.6)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                known = ", ".join(fields)
-                where = self._line_of(prefix + key)
-                at = f":{where}" if where else ""
-                raise ConfigError(f"{self.source}{at}: unknown key {prefix + key!r}{hint}; known keys here: {known}")
-        values = {}
-        for name, f in fields.items():
-            if name in data:
-                values[name] = self.value(hints[name], f.metadata, data[name], prefix + name)
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                self.fail(prefix + name, None, "this required key to be set")
-        return cls(**values)
-
-    def value(self, hint: Any, meta: Any, raw: Any, key: str) -> Any:
-        kind = meta.get("kind")
-        if meta.get("secret"):
-            self._secret_keys.add(key)
-        try:
-            if kind == "duration":
-                return parse_duration(raw)
-            if kind == "size":
-                return parse_size(raw)
-            if kind == "priority":
-                return parse_priority(raw)
-            if kind == "choice":
-                if raw not in meta["choices"]:
-                    close = difflib.get_close_matches(str(raw), meta["choices"], n=1)
-                    hint_text = f" (did you mean {close[0]!r}?)" if close else ""
-                    raise ValueError(" or ".join(repr(c) for c in meta["choices"]) + hint_text)
-                return raw
-            if kind == "regex":
-                if not isinstance(raw, str):
-                    raise ValueError("a regular expression string")
-                if raw and raw != "kubernetes":
-                    try:
-                        re.compile(raw)
-                    except re.error as e:
-                        raise ValueError(f"a valid regular expression ({e})") from None
-                return raw
-        except ValueError as e:
-            self.fail(key, raw, str(e))
-        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
-            return self.section(hint, raw, key + ".")
-        origin = typing.get_origin(hint)
-        if origin is tuple:
-            item = typing.get_args(hint)[0]
-            if isinstance(raw, str) and item is str:
-                raw = [raw]
-            if not isinstance(raw, list):
-                self.fail(key, raw, "a list")
-            return tuple(self.value(item, {}, x, f"{key}[{i}]") for i, x in enumerate(raw))
-        if origin is dict:
-            if not isinstance(raw, dict):
-                self.fail(key, raw, "a table of strings")
-            return {str(k): self.value(str, {}, v, f"{key}.{k}") for k, v in raw.items()}
-        if hint is Path:
-            if not isinstance(raw, str) or not raw:
-                self.fail(key, raw, "a path")
-            return Path(raw)
-        if hint is bool:
-            if not isinstance(raw, bool):
-                self.fail(key, raw, "true or false")
-            return raw
-        if hint is int:
-            if not isinstance(raw, int) or isinstance(raw, bool):
-                self.fail(key, raw, "a whole number")
-            return raw
-        if hint is float:
-            if not isinstance(raw, (int, float)) or isinstance(raw, bool):
-                self.fail(key, raw, "a number")
-            return float(raw)
-        if hint is str:
-            if isinstance(raw, (int, float)) and not isinstance(raw, bool) and key.endswith("protocol"):
-                raw = str(raw)
-            if not isinstance(raw, str):
-                self.fail(key, raw, "a string")
-            return raw
-        if isinstance(hint, types.UnionType):  # pragma: no cover - no unions in sections yet
-            return raw
-        raise ConfigError(f"{self.source}: internal: no converter for {key} ({hint})")
-
-
-# --- checks that need the files a config names ----------------------------------------------------
-
-
-def error_at(config: Config, key: str, value: Any, expected: str) -> ConfigError:
-    """A ConfigError naming `key` at its line in the config file, like parse errors do."""
-    try:
-        text = Path(config.source_path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        text = ""
-    try:
-        _Loader(config.source_path, text).fail(key, value, expected)
-    except ConfigError as e:
-        return e
-
-
-def check_mqtt_files(config: Config) -> None:
-    """What parsing cannot see in [mqtt]: the password file and the TLS files
-    exist, can be read and hold what they should. Raises ConfigError."""
-    mqtt = config.mqtt
-    if mqtt.password and mqtt.password_file:
-        raise error_at(config, "mqtt.password_file", mqtt.password_file, "either mqtt.password or mqtt.password_file")
-    if mqtt.password_file:
-        try:
-            secret = Path(mqtt.password_file).read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as e:
-            raise error_at(config, "mqtt.password_file", mqtt.password_file, f"a readable file ({_why(e)})") from None
-        if not secret:
-            raise error_at(config, "mqtt.password_file", mqtt.password_file, "a file holding the password, not empty")
-    tls_files = {"ca_file": mqtt.ca_file, "cert_file": mqtt.cert_file, "key_file": mqtt.key_file}
-    address = parse_url(mqtt.url, ("mqtt", "mqtts"), False)
-    if not address.tls:
-        for name, path in tls_files.items():
-            if path:
-                raise error_at(
-                    config, f"mqtt.{name}", path, "mqtt.url to start with mqtts:// (TLS) when TLS files are set"
-                )
-        return
-    if mqtt.key_file and not mqtt.cert_file:
-        raise error_at(config, "mqtt.key_file", mqtt.key_file, "mqtt.cert_file as well (the client certificate)")
-    import ssl  # only here: ssl costs RAM, and most of the agent never needs it
-
-    try:
-        context = ssl.create_default_context(cafile=mqtt.ca_file or None)
-    except (OSError, ssl.SSLError) as e:
-        raise error_at(config, "mqtt.ca_file", mqtt.ca_file, f"a readable PEM file of CA certificates ({_why(e)})")
-    if mqtt.cert_file:
-        try:
-            context.load_cert_chain(mqtt.cert_file, mqtt.key_file or None)
-        except (OSError, ssl.SSLError) as e:
-            raise error_at(
-                config, "mqtt.cert_file", mqtt.cert_file, f"a readable client certificate matching its key ({_why(e)})"
-            )
-
-
-def _why(error: Exception) -> str:
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror
-    return str(error) or type(error).__name__
