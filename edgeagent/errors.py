@@ -31,7 +31,7 @@ Who raises and who catches:
   retries. Acks and rejects never raise for a full disk.
 - Spool corrupt is no exception outside the spool: SQLITE_CORRUPT / SQLITE_NOTADB, a failed quick_check or
   a failed checksum (`spool.is_corruption`) make the spool quarantine the file and salvage it, and the loss
-  is shipped as a `spool_corrupt` loss record. A chunk whose checksum fails is dropped and counted.
+  is shipped as a `spool_corrupt` loss record (`loss`). A chunk whose checksum fails is dropped and counted.
 - TransportError: ConnectFailed from `mqtt.link`, caught by the MQTT session's reconnect loop (backoff,
   `status`); PacketTooLarge from `mqtt.client` inside paho's read, which drops the connection (the session
   reconnects and says why); ProtocolError from `uploaders.http11`, caught by the OTLP/HTTP uploader as a

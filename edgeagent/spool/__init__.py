@@ -4,7 +4,8 @@ Owns `state_dir/spool.db`: chunks of compressed records waiting for upload,
 source positions, boots (clock offsets for time correction), counters, dead
 letters and the agent's status. One connection, used from one thread (the event
 loop's); every write is one `BEGIN IMMEDIATE` transaction. No other module
-imports `sqlite3` for the spool's file; everything goes through `Spool`.
+opens a SQLite connection or runs SQL: everything goes through `Spool` (others
+only catch `sqlite3.Error` where a spool call may raise it).
 
 What it guarantees (design.md):
 - durability (1): `append()` stores chunks and the source positions they cover
