@@ -37,6 +37,7 @@ from typing import Any, NamedTuple
 import zstandard
 
 from edgeagent import otlp
+from edgeagent.errors import CannotSplit, CorruptChunk
 from edgeagent.otlp import ChunkEncoder, DecodeError, iter_fields
 from edgeagent.records import Batch
 
@@ -49,19 +50,6 @@ CONTENT_TYPE = "application/x-protobuf"
 PAYLOAD_ENCODING = "zstd"  # how a stored chunk payload is compressed (MQTT's content-encoding)
 # `[otlp_http].compression` -> the request's Content-Encoding (None: no header).
 CONTENT_ENCODINGS: dict[str, str | None] = {"zstd": "zstd", "gzip": "gzip", "none": None}
-
-
-class CorruptChunk(ValueError):
-    """A payload that cannot be decoded. `index` is the payload's position
-    when one of several (`request_body`) failed."""
-
-    def __init__(self, message: str, index: int = 0) -> None:
-        super().__init__(message)
-        self.index = index
-
-
-class CannotSplit(ValueError):
-    """A chunk of a single record: there is nothing to split."""
 
 
 class ChunkPart(NamedTuple):

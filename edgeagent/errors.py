@@ -13,6 +13,8 @@
     ├── FleetConfigRejected .... a remote (fleet) config is refused; the running config stays
     │   ├── EnvelopeError ...... not a valid, verified envelope (size, JSON, scope, version, signature)
     │   └── PolicyError ........ the layer sets a key the local [fleet] policy does not allow (`key`)
+    ├── CorruptChunk ........... a chunk payload that cannot be decoded (not zstd, damaged, too big; a ValueError)
+    ├── CannotSplit ............ a chunk of one record: there is nothing to split (a ValueError)
     ├── DecodeError ............ bytes that are not the OTLP protobuf we expect (also a ValueError)
     ├── MalformedRecord ........ a /dev/kmsg record that does not follow the documented format (a ValueError)
     ├── OperatorError .......... `edgeagent fleet ...` (the operator's side) cannot do what was asked
@@ -45,9 +47,14 @@ Who raises and who catches:
 - FleetConfigRejected: EnvelopeError from `fleet.envelope` (decode, verify, key files) and PolicyError from
   `fleet.policy.check`, caught by `fleet.device`, which rejects that version, reports it on the status
   topic and keeps the running config; the operator CLI shows EnvelopeError as an OperatorError.
-- DecodeError: `otlp` decoding. Caught where chunks are decoded (uploaders, refusals, `spool dump`: a
-  corrupt chunk is dropped or dead-lettered and counted) and where OTLP answers are read (the answer is
-  treated as carrying no partial success).
+- CorruptChunk: `codec` (decode, records, count, split, shift, request bodies), for any payload it
+  cannot decode, never zstd's or protobuf's own errors. Caught by the uploaders (the chunk is moved to
+  the dead letters and counted: it can never be sent), by `refusals` (not a report) and by `spool dump`
+  (the chunk is named on stderr, the rest is shown). CannotSplit: `codec.split`/`split_to_fit`; the
+  MQTT uploader dead-letters a one-record chunk over the broker's limit, the OTLP/HTTP uploader sends it
+  as it is and lets the collector decide.
+- DecodeError: `otlp` decoding. Caught by `codec` (turned into CorruptChunk) and where OTLP answers are
+  read (the answer is treated as carrying no partial success).
 - MalformedRecord: `sources.kmsg.parse_record`; the kmsg source logs it, ships its raw text marked
   `kmsg.malformed`, counts it (`kmsg_malformed`) and reads on; it is never taken for a gap.
 - OperatorError: `fleet.operator`; its command exits 1. CliError: `cli` commands; `cli.main` prints it
@@ -143,6 +150,19 @@ class PolicyError(FleetConfigRejected):
 
 
 # --- bad input from the wire and the kernel ------------------------------------------
+
+
+class CorruptChunk(EdgeagentError, ValueError):
+    """A payload that cannot be decoded. `index` is the payload's position
+    when one of several (`request_body`) failed."""
+
+    def __init__(self, message: str, index: int = 0) -> None:
+        super().__init__(message)
+        self.index = index
+
+
+class CannotSplit(EdgeagentError, ValueError):
+    """A chunk of a single record: there is nothing to split."""
 
 
 class DecodeError(EdgeagentError, ValueError):

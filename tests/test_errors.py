@@ -22,6 +22,7 @@ RAISED_IN = {
     "edgeagent.fleet.policy": ["PolicyError"],
     "edgeagent.fleet.operator": ["OperatorError"],
     "edgeagent.otlp": ["DecodeError"],
+    "edgeagent.codec": ["CorruptChunk", "CannotSplit"],
     "edgeagent.sources.kmsg": ["MalformedRecord"],
     "edgeagent.cli": ["CliError"],
 }
@@ -76,6 +77,8 @@ def test_errors_keep_the_standard_bases_callers_catch() -> None:
     # paho treats an OSError from a read as a lost connection; parsers' callers catch ValueError.
     assert issubclass(errors.PacketTooLarge, ConnectionAbortedError)
     assert issubclass(errors.DecodeError, ValueError)
+    assert issubclass(errors.CorruptChunk, ValueError) and issubclass(errors.CannotSplit, ValueError)
+    assert errors.CorruptChunk("bad", 2).index == 2
     assert issubclass(errors.MalformedRecord, ValueError)
     assert issubclass(errors.StateDirError, errors.ConfigError)
     assert errors.PolicyError("spool.max_size", "1GiB", "not allowed").key == "spool.max_size"
