@@ -174,8 +174,17 @@ class _Handler(BaseHTTPRequestHandler):
 
 def _decode_body(raw: bytes, encoding: str) -> bytes:
     if encoding == "zstd":
-        # One frame, as a receiver expects: extra frames would be silently dropped by many decoders.
-        return zstandard.ZstdDecompressor().decompress(raw, allow_extra_data=False)
+        # As the OpenTelemetry Collector decodes it: one stream of as many frames as there are (a request of
+        # several chunks is their stored frames one after the other); anything after the last frame fails.
+        decompressor, parts = zstandard.ZstdDecompressor(), []
+        while True:
+            frame = decompressor.decompressobj()
+            parts.append(frame.decompress(raw))
+            if not frame.eof:
+                raise ValueError("the body ends inside a zstd frame")
+            raw = frame.unused_data
+            if not raw:
+                return b"".join(parts)
     if encoding == "gzip":
         return gzip.decompress(raw)
     if encoding in ("", "identity"):

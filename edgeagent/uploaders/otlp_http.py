@@ -67,7 +67,8 @@ CHUNK_ID_HEADER = "X-Edgeagent-Chunk-Id"
 
 # Requests are topped up with further chunks until they hold this much
 # uncompressed protobuf: enough to amortise a round trip on a slow link, small
-# enough that a zstd request of several chunks is cheap to recompress.
+# enough that gzip or none requests (which decode the chunks) stay cheap; zstd
+# requests are the stored frames one after the other (codec.request_body).
 _COALESCE_TARGET = 1024 * 1024
 # Bounds the chunk-id header (33 bytes an id) well under common proxy limits (8 KiB).
 _MAX_COALESCE_CHUNKS = 64
