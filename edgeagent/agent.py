@@ -29,6 +29,7 @@ from typing import Any
 
 from edgeagent import __version__, clock, redact, service, statedir
 from edgeagent import config as config_mod
+from edgeagent.codec import ChunkCodec
 from edgeagent.config import Config, ConfigError
 from edgeagent.mqtt import MqttSession, SessionKeeper
 from edgeagent.otlp import ChunkEncoder
@@ -229,6 +230,7 @@ class Agent:
                     durability=self.config.spool.durability,
                     journal=self.config.spool.journal,
                     dead_letters_max=self.config.spool.dead_letters_max,
+                    check_payload=ChunkCodec().decode,
                 )
             except SpoolUnavailable as e:
                 if str(e) != last:

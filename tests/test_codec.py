@@ -11,6 +11,7 @@ import gzip
 import io
 import os
 import struct
+from pathlib import Path
 
 import pytest
 import zstandard
@@ -22,6 +23,7 @@ from edgeagent import codec
 from edgeagent.codec import CannotSplit, ChunkCodec, CorruptChunk, count_records
 from edgeagent.otlp import CLOCK_ADJUSTED, CLOCK_ATTRIBUTE, ChunkEncoder
 from edgeagent.records import SEVERITY_INFO, Batch, Record
+from edgeagent.spool import NewChunk, Spool
 
 BOOT = "11111111-2222-3333-4444-555555555555"
 RESOURCE = {"device.id": "gw-test", "host.name": "testhost"}
@@ -257,3 +259,31 @@ def test_request_body_names_the_damaged_payload() -> None:
     with pytest.raises(CorruptChunk) as raised:
         ChunkCodec().request_body([good, good, b"garbage", good], "zstd")
     assert raised.value.index == 2
+
+
+# --- the spool's salvage asks the codec -------------------------------------------------
+
+
+def test_a_salvage_keeps_only_chunks_the_codec_can_decode(tmp_path: Path) -> None:
+    """The spool never decompresses: `Spool.open(check_payload=...)` gets the codec's
+    bounded decode, so a chunk whose CRC32 matches but whose payload is not a chunk (or
+    claims a terabyte) is counted as lost, not copied and not a MemoryError at start-up."""
+    path = tmp_path / "spool.db"
+    spool = Spool.open(path)
+    good = lines_payload(["kept"])
+    spool.append(
+        [
+            NewChunk(good, 1, 4, 9, BOOT, 0, True),
+            NewChunk(b"not a zstd frame", 3, 16, 9, BOOT, 0, True),
+            NewChunk(declared_size_frame(2**40), 2, 16, 9, BOOT, 0, True),
+        ]
+    )
+    spool.close()
+    path.rename(tmp_path / "spool.db.corrupt-20260101T000000.000000000")
+    salvaged = Spool.open(path, check_payload=ChunkCodec().decode)
+    assert [bodies(c.payload) for c in salvaged.oldest(10)] == [["kept"]]
+    counters = salvaged.counters()
+    assert counters["salvage_lost_chunks"] == 2 and counters["salvage_lost_records"] == 5
+    (lost,) = salvaged.take_losses()
+    assert lost.attributes is not None and lost.attributes["edgeagent.loss.records"] == 5
+    salvaged.close()

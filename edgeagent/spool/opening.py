@@ -34,7 +34,7 @@ from edgeagent.spool.database import (
     is_corruption,
     log,
 )
-from edgeagent.spool.salvage import _salvage_pending
+from edgeagent.spool.salvage import PayloadCheck, _salvage_pending
 
 _RESERVE_BYTES = 256 * 1024  # released on a full disk so that deletes (acks) can still commit
 
@@ -61,6 +61,7 @@ class SpoolBase:
         self._unrecorded_rejects: dict[int, str] = {}
         self._unrecorded_counters: dict[str, int] = {}
         self._reserve = Path(str(path) + ".reserve")
+        self._check_payload: PayloadCheck | None = None  # for salvages while running (see `open`)
         row = conn.execute("SELECT COALESCE(SUM(length(payload)), 0), COUNT(*) FROM chunks").fetchone()
         self._payload_bytes: int = row[0]
         self._chunk_count: int = row[1]
@@ -76,10 +77,13 @@ class SpoolBase:
         durability: str = "full",
         journal: str = "auto",
         dead_letters_max: int = 4 * 1024**2,
+        check_payload: PayloadCheck | None = None,
     ) -> Self:
         """Open (create, migrate, check) the spool. Raises SpoolUnavailable when
         the disk or file cannot be used now (the files are left as they were),
-        SpoolError when it never will be. Only a corrupt file is moved aside."""
+        SpoolError when it never will be. Only a corrupt file is moved aside.
+        `check_payload` (the codec's decode; it raises ValueError for a payload
+        it cannot decode) decides which chunks a salvage keeps, besides CRC32."""
         path = Path(path)
         try:
             path.parent.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
@@ -102,7 +106,7 @@ class SpoolBase:
                 events.append(_quarantine(path, str(e)))
                 conn, mode = _connect(path, durability, journal, max_size)
             try:
-                losses = _salvage_pending(path, conn)
+                losses = _salvage_pending(path, conn, check_payload)
             except BaseException:
                 conn.close()
                 raise
@@ -112,6 +116,7 @@ class SpoolBase:
             raise SpoolUnavailable(f"spool {path} is unavailable: {e.strerror or e}") from None
         spool = cls(conn, path, max_size, durability, mode, dead_letters_max)
         spool._journal_requested = journal
+        spool._check_payload = check_payload
         spool.events = events + [str(lost.body) for lost in losses]
         spool._losses = losses
         spool._ensure_reserve()
@@ -176,7 +181,7 @@ class SpoolBase:
         self._conn.close()
         self.events = [_quarantine(self.path, reason)]
         self._conn, self.journal = _connect(self.path, self.durability, self._journal_requested, self.max_size)
-        losses = _salvage_pending(self.path, self._conn)
+        losses = _salvage_pending(self.path, self._conn, self._check_payload)
         self.events += [str(lost.body) for lost in losses]
         self._losses += losses
         self._unrecorded_acks.clear()  # the salvage copied what was in the file; ids are the same

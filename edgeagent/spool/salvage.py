@@ -1,10 +1,13 @@
 """Salvage of a corrupt spool file that `database._quarantine` moved aside.
 
 What can still be read from it (positions, boots, counters, chunks whose
-checksums verify) is copied into the fresh spool in one transaction, what
-could not be is counted and handed out as a loss record (`Spool.take_losses`),
-and only then is the copy renamed `.salvaged-<time>`; copies not salvaged yet
-are never deleted, and only the last few salvaged ones are kept.
+CRC32 verifies and whose payload the `check_payload` function given to
+`Spool.open` accepts: the agent passes `edgeagent.codec`'s bounded decode, so
+the spool itself never decompresses anything) is copied into the fresh spool
+in one transaction, what could not be is counted and handed out as a loss
+record (`Spool.take_losses`), and only then is the copy renamed
+`.salvaged-<time>`; copies not salvaged yet are never deleted, and only the
+last few salvaged ones are kept.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import os
 import sqlite3
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 from edgeagent import loss
@@ -21,8 +25,11 @@ from edgeagent.spool.database import _CHUNK_COLUMNS, _bump
 
 _QUARANTINE_KEEP = 2  # salvaged copies kept for inspection; copies not salvaged yet are never deleted
 
+# Raises ValueError for a payload that cannot be decoded (edgeagent.codec.ChunkCodec.decode).
+PayloadCheck = Callable[[bytes], object]
 
-def _salvage_pending(path: Path, dest: sqlite3.Connection) -> list[Record]:
+
+def _salvage_pending(path: Path, dest: sqlite3.Connection, check_payload: PayloadCheck | None) -> list[Record]:
     """Salvage every quarantined copy of `path` that was not salvaged yet into
     `dest` (one transaction per copy, remembered in it), rename it
     `.salvaged-...`, and delete salvaged copies beyond the last few. A copy
@@ -31,7 +38,7 @@ def _salvage_pending(path: Path, dest: sqlite3.Connection) -> list[Record]:
     for copy in sorted(path.parent.glob(f"{path.name}.corrupt-*")):
         if copy.name.endswith(("-wal", "-shm")):
             continue
-        losses.append(_salvage_one(copy, dest))
+        losses.append(_salvage_one(copy, dest, check_payload))
         done = copy.with_name(copy.name.replace(".corrupt-", ".salvaged-", 1))
         for suffix in ("", "-wal", "-shm"):
             if Path(str(copy) + suffix).exists():
@@ -43,7 +50,7 @@ def _salvage_pending(path: Path, dest: sqlite3.Connection) -> list[Record]:
     return [lost for lost in losses if lost is not None]
 
 
-def _salvage_one(copy: Path, dest: sqlite3.Connection) -> Record | None:
+def _salvage_one(copy: Path, dest: sqlite3.Connection, check_payload: PayloadCheck | None) -> Record | None:
     """Copy what can still be read from the corrupt spool `copy` into `dest`
     in one transaction, count what could not be (from the copy's own
     counters where they are readable) and return the loss record."""
@@ -61,7 +68,8 @@ def _salvage_one(copy: Path, dest: sqlite3.Connection) -> Record | None:
     file_bytes = sum(os.stat(str(copy) + s).st_size for s in ("", "-wal") if os.path.exists(str(copy) + s))
     dest.execute("BEGIN IMMEDIATE")
     try:
-        old_counters, got = _copy_readable(src, dest) if src is not None else ({}, {"chunks": 0, "records": 0})
+        nothing: tuple[dict[str, int], dict[str, int]] = ({}, {"chunks": 0, "records": 0})
+        old_counters, got = _copy_readable(src, dest, check_payload) if src is not None else nothing
         failed, salvaged_bytes = got.pop("failed", 0), got.pop("bytes", 0)
         lost_chunks, lost_records = _expected_lost(old_counters, got["chunks"], got["records"], failed)
         lost_bytes = max(file_bytes - salvaged_bytes, 0) if lost_chunks or lost_records else 0
@@ -90,12 +98,12 @@ def _salvage_one(copy: Path, dest: sqlite3.Connection) -> Record | None:
     )
 
 
-def _copy_readable(src: sqlite3.Connection, dest: sqlite3.Connection) -> tuple[dict[str, int], dict[str, int]]:
-    """Positions, boots, counters and every chunk whose checksums verify.
-    Returns the copy's counters and what was copied (chunks, records, bytes,
-    failed rows)."""
-    import zstandard
-
+def _copy_readable(
+    src: sqlite3.Connection, dest: sqlite3.Connection, check_payload: PayloadCheck | None
+) -> tuple[dict[str, int], dict[str, int]]:
+    """Positions, boots, counters and every chunk whose CRC32 verifies and
+    whose payload `check_payload` accepts (CRC32 alone without it). Returns the
+    copy's counters and what was copied (chunks, records, bytes, failed rows)."""
     old_counters: dict[str, int] = {}
     for table, cols in (
         ("positions", "key, value, updated_ns"),
@@ -120,14 +128,14 @@ def _copy_readable(src: sqlite3.Connection, dest: sqlite3.Connection) -> tuple[d
             ids.append(chunk_id)
     except sqlite3.Error:
         pass  # the rows up to the damage were read
-    dctx = zstandard.ZstdDecompressor()
     for chunk_id in ids:
         try:
             row = src.execute(f"SELECT {_CHUNK_COLUMNS} FROM chunks WHERE id = ?", (chunk_id,)).fetchone()
             if zlib.crc32(row[9]) != row[10]:
                 raise ValueError("checksum mismatch")
-            dctx.decompress(row[9])
-        except (sqlite3.Error, zstandard.ZstdError, TypeError, ValueError):
+            if check_payload is not None:
+                check_payload(row[9])
+        except (sqlite3.Error, TypeError, ValueError):
             got["failed"] += 1
             continue
         try:
