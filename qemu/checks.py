@@ -110,6 +110,7 @@ def powercut_tally(rounds: list[dict[str, Any]], received: list[dict[str, Any]])
     for r in files:
         file_chunks[r["body"]].append(r.get("chunk_id", ""))
     kmsg_lost = kmsg_dup_resend = kmsg_dup_reread = 0
+    resent: set[str] = set()  # chunks delivered more than once whole: one per cut in the at-least-once window
     per_round = []
     for rnd in rounds:
         boot, kseq = rnd["boot_id"], rnd["kseq"]
@@ -120,12 +121,14 @@ def powercut_tally(rounds: list[dict[str, Any]], received: list[dict[str, Any]])
             if len(chunks) > 1:
                 if len(set(chunks)) == 1:
                     kmsg_dup_resend += len(chunks) - 1
+                    resent.add(chunks[0])
                 else:
                     kmsg_dup_reread += len(chunks) - 1
         per_round.append({"boot_id": boot, "kseq": kseq, "kmsg_lost": lost})
     committed_lines = max((r["flines"] for r in rounds), default=0)
     file_lost = sum(1 for n in range(committed_lines) if f"edgetest pc f{n}" not in file_chunks)
     file_dup_resend = sum(len(c) - 1 for c in file_chunks.values() if len(c) > 1 and len(set(c)) == 1)
+    resent.update(c[0] for c in file_chunks.values() if len(c) > 1 and len(set(c)) == 1)
     file_dup_reread = sum(len(c) - 1 for c in file_chunks.values() if len(c) > 1 and len(set(c)) > 1)
     return {
         "rounds": len(rounds),
@@ -137,5 +140,6 @@ def powercut_tally(rounds: list[dict[str, Any]], received: list[dict[str, Any]])
         "file_lost": file_lost,
         "file_dup_same_chunk": file_dup_resend,
         "file_dup_other_chunk": file_dup_reread,
+        "chunks_resent": len(resent),
         "per_round": per_round,
     }

@@ -128,6 +128,7 @@ def test_powercut_tally_counts_losses_and_explains_duplicates() -> None:
     assert tally["file_committed"] == 4
     assert tally["file_lost"] == 1  # f2
     assert tally["file_dup_other_chunk"] == 1
+    assert tally["chunks_resent"] == 1  # c1
     assert [r["kmsg_lost"] for r in tally["per_round"]] == [1, 0]
 
 
