@@ -20,6 +20,17 @@ chunks by record count, raw bytes and age, encodes them into chunk payloads
 (`edgeagent.codec`: OTLP protobuf in one zstd frame), and appends each chunk with the positions it
 covers in one spool transaction. The uploader reads chunks back from the spool
 through `UploaderContext`.
+
+Flash (issue 16): while an uploader is attached and delivery keeps up, the
+batcher hands chunks to the spool's RAM tier (`Spool.hold`) instead of writing
+them; the uploader sends them from there, and an acknowledged chunk never
+reaches flash — only its positions do, every 30 s (`edgeagent.holding`).
+What is not acknowledged in time is written: file lines (still in their files,
+on a disk) after `[spool].hold_file_lines`, every other record (kernel
+messages, syslog, the agent's own) within `flush_interval` of being read, as
+before. Counters, forgotten positions (a file rotated away or deleted), a
+boot's clock and CRIT+ records that no input keeps are written at once, synced.
+Commits of file lines only are not synced: a lost one is read again.
 """
 
 from __future__ import annotations
@@ -38,6 +49,7 @@ from edgeagent import loss
 from edgeagent.clock import Clock, ClockState, monotonic_ns
 from edgeagent.codec import BackgroundCompressor, ChunkCodec
 from edgeagent.config import Config, SpoolConfig
+from edgeagent.holding import RamHold, stable_chunk_id
 from edgeagent.otlp import ChunkEncoder
 from edgeagent.records import Batch, Record
 from edgeagent.refusals import DEFAULT_INTERVAL, RefusalReports, ShipLoss
@@ -129,6 +141,9 @@ class Batcher:
         self._records = 0
         self._bytes = 0
         self._timer: asyncio.TimerHandle | None = None
+        self._hold = RamHold(spool, config, lambda: self.flush(store=True))
+        self._urgent_since: float | None = None  # monotonic: the first pending record that no input keeps
+        self._never_hold = False  # pending file lines with hold_file_lines = 0: committed as they are
         self._boot_state: ClockState | None = None
         self._committing = asyncio.Event()  # set while commits succeed; sources wait on it
         self._committing.set()
@@ -143,6 +158,11 @@ class Batcher:
         if batch.position is not None:
             self._positions[batch.position[0]] = batch.position[1]
         if batch.records:
+            was_urgent = self._urgent_since is not None
+            self._note_kinds([batch])
+            if not was_urgent and self._urgent_since is not None and self._timer is not None and not self.stalled:
+                self._timer.cancel()  # armed for file lines: this record may not wait that long
+                self._timer = None
             self._pending.append(batch)
             self._records += len(batch.records)
             self._bytes += batch.body_bytes()
@@ -193,27 +213,44 @@ class Batcher:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return  # used outside a loop (tests, tools): the caller flushes
-        self._timer = loop.call_later(self.config.flush_interval if delay is None else delay, self._on_timer)
+        self._timer = loop.call_later(self._age_limit() if delay is None else delay, self._on_timer)
+
+    def _age_limit(self) -> float:
+        """How long pending records wait before they are cut into chunks."""
+        if self._urgent_since is None:
+            return max(self.config.flush_interval, self.config.file_flush_interval)
+        if self.on_commit is not None and not self._never_hold:
+            return self.config.flush_interval / 2  # held, it has the other half to be acknowledged (see `_hold`)
+        return self.config.flush_interval
 
     def _on_timer(self) -> None:
         self._timer = None
         self.flush()
 
-    def flush(self) -> bool:
+    def flush(self, store: bool = False) -> bool:
         """Encode, compress and commit what is pending, in one transaction (after
-        the flush compressing behind, if any). Returns False when the commit
-        failed (everything stays pending)."""
+        the flush compressing behind, if any), or hold it in RAM while delivery
+        keeps up (`edgeagent.holding`); with `store`, write everything, what is
+        held included. Returns False when the commit failed (everything stays
+        pending)."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         if not self._commit_behind(wait=True):
             return False
+        store = store or self.stalled  # retrying a failed write: what was pending is written, not held
+        if store and self.spool.held.entries and not (self._pending or self._positions or self._counters):
+            try:
+                self.spool.append(synced=False)  # held records that need it are synced (HeldEntry.durable)
+            except Exception as e:
+                self._stall(e)
+                return False
         if not (self._pending or self._positions or self._counters):
             return True
         state = self.clock.state()
         chunks = [self._encode(boot, batches, state) for boot, batches in self._chunk_groups()]
         chunks = [dataclasses.replace(c, payload=self._codec.compress(c.payload)) for c in chunks]
-        return self._commit(chunks, self._positions, self._counters, state)
+        return self._commit(chunks, self._positions, self._counters, state, may_hold=not store)
 
     def _flush_behind(self) -> None:
         """A full chunk: encode it now and let the background thread compress it
@@ -235,6 +272,7 @@ class Batcher:
         future = self._background.submit([chunk.payload for chunk in requests])
         self._behind = _Behind(future, requests, self._pending, self._positions, self._counters, state, self._records)
         self._pending, self._positions, self._counters, self._records, self._bytes = [], {}, {}, 0, 0
+        self._urgent_since, self._never_hold = None, False  # what it had is written, synced
         future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._on_compressed))
 
     def _on_compressed(self) -> None:
@@ -251,28 +289,53 @@ class Batcher:
         self._behind = None
         payloads = behind.future.result()
         chunks = [dataclasses.replace(c, payload=p) for c, p in zip(behind.chunks, payloads, strict=True)]
-        if self._commit(chunks, behind.positions, behind.counters, behind.state):
+        if self._commit(chunks, behind.positions, behind.counters, behind.state, behind=True):
             return True
         self._pending = behind.batches + self._pending
         self._positions = {**behind.positions, **self._positions}
+        self._note_kinds(behind.batches)
         for name, value in behind.counters.items():
             self._counters[name] = self._counters.get(name, 0) + value
         self._records += behind.records
         self._bytes += sum(batch.body_bytes() for batch in behind.batches)
         return False
 
+    def _note_kinds(self, batches: list[Batch]) -> None:
+        """Note what pending records need (`edgeagent.holding`): never held (`hold_file_lines = 0`), or on
+        flash within `flush_interval` of now (records no input keeps)."""
+        for batch in batches:
+            if batch.records:
+                self._never_hold = self._never_hold or self._hold.never(batch)
+                if self._urgent_since is None and not self._hold.replayable(batch):
+                    self._urgent_since = time.monotonic()
+
     def _commit(
-        self, chunks: list[NewChunk], positions: dict[str, str | None], counters: dict[str, int], state: ClockState
+        self,
+        chunks: list[NewChunk],
+        positions: dict[str, str | None],
+        counters: dict[str, int],
+        state: ClockState,
+        may_hold: bool = False,
+        behind: bool = False,
     ) -> bool:
-        """Store `chunks` with `positions` and `counters` in one transaction. On
-        success what was pending is cleared if these were its positions."""
+        """Store `chunks` with `positions` and `counters` in one transaction, or
+        hold them in RAM (`may_hold`: a flush by age, see `edgeagent.holding`;
+        full chunks compressed `behind` are always written, synced). On success
+        what was pending is cleared if these were its positions."""
         boot = None
         if self._boot_state is None or (
             state.synced != self._boot_state.synced or abs(state.offset_ns - self._boot_state.offset_ns) > Clock.JUMP_NS
         ):
             boot = (self.boot_id, state.offset_ns, state.synced)
+        replayable = self._urgent_since is None
         try:
-            evictions = self.spool.append(chunks, positions, counters, boot)
+            must_write = self._never_hold or counters or boot or None in positions.values()
+            if may_hold and self.on_commit is not None and self._hold.may_hold(chunks, replayable, bool(must_write)):
+                self._hold.hold(chunks, positions, replayable, self._urgent_since)
+                evictions = []
+            else:
+                synced = behind or not replayable or bool(must_write)
+                evictions = self.spool.append(chunks, positions, counters, boot, synced=synced)
         except Exception as e:
             self._stall(e)
             return False
@@ -289,6 +352,8 @@ class Batcher:
             self._counters = {}
             self._records = 0
             self._bytes = 0
+            self._urgent_since = None
+            self._never_hold = False
         if evictions:
             self._report_evictions(evictions)
         self.ship_spool_losses()
@@ -311,7 +376,7 @@ class Batcher:
         the spool refuses writes (a stop during a stall). True when nothing is
         left pending."""
         deadline = asyncio.get_running_loop().time() + timeout
-        while not self.flush():
+        while not self.flush(store=True):
             left = deadline - asyncio.get_running_loop().time()
             if left <= 0:
                 return False
@@ -355,7 +420,7 @@ class Batcher:
                     if isinstance(r, Record) and r.severity > max_severity:
                         max_severity = r.severity
         request = self.encoder.encode(batches, offset, synced)  # the caller compresses it into the payload
-        return NewChunk(request, records, raw, max_severity, boot_id, offset, synced)
+        return NewChunk(request, records, raw, max_severity, boot_id, offset, synced, chunk_id=stable_chunk_id(batches))
 
     def _report_evictions(self, evictions: list[Eviction]) -> None:
         records = [
@@ -452,7 +517,8 @@ class SourceContext:
         A source restarted after a crash (or during a stall) resumes after what
         it already handed over, never behind it: nothing is read twice."""
         stored = self._spool.positions(prefix)
-        for key, value in self._batcher.pending_positions().items():
+        handed = {**self._spool.held.positions(), **self._batcher.pending_positions()}
+        for key, value in handed.items():
             if key.startswith(prefix):
                 if value is None:
                     stored.pop(key, None)

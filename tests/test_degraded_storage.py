@@ -21,6 +21,8 @@ TOPIC = "edgeagent/degraded/logs"
 
 
 def config(state_dir: Path, log_file: Path, broker: Broker | None) -> str:
+    # hold_file_lines = 0: every line goes through the spool, so a full disk stalls it while lines come and
+    # a kill -9 leaves nothing delivered from RAM ahead of its stored position (exactly once by chunk id).
     upload = (
         f'[upload]\nto = "mqtt"\nretry_initial = "200ms"\nretry_max = "1s"\nshutdown_timeout = "2s"\n'
         f'[mqtt]\nurl = "{broker.url}"\nconnect_timeout = "3s"\n'
@@ -34,6 +36,7 @@ state_dir = "{state_dir}"
 enabled = false
 [spool]
 flush_interval = "100ms"
+hold_file_lines = "0s"
 [[files]]
 include = ["{log_file}"]
 start_at = "beginning"

@@ -9,6 +9,8 @@ import re
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ TOPIC = "edgeagent/gw-agent/logs"
 STATUS_TOPIC = "edgeagent/gw-agent/status"
 
 
-def agent_config(broker: Broker, log_file: Path | None = None) -> str:
+def agent_config(broker: Broker, log_file: Path | None = None, spool: str = "") -> str:
     files = ""
     if log_file is not None:
         files = f'[[files]]\ninclude = ["{log_file}"]\nstart_at = "beginning"\n'
@@ -37,6 +39,7 @@ enabled = false
 {files}
 [spool]
 flush_interval = "200ms"
+{spool}
 [upload]
 to = "mqtt"
 retry_initial = "200ms"
@@ -79,28 +82,43 @@ def test_backlog_from_an_earlier_run_goes_out_at_start(
     wait_for(lambda: status.received() and json.loads(status.received()[-1].payload)["state"] == "offline")
 
 
-def test_sigkill_between_publish_and_puback_resends_the_chunk(
-    tmp_path: Path, mosquitto: Broker, make_agent: Any, subscribers: list[Subscriber]
-) -> None:
+@contextmanager
+def publishing_to_a_stopped_broker(
+    tmp_path: Path, mosquitto: Broker, make_agent: Any, subscribers: list[Subscriber], spool: str = ""
+) -> Iterator[tuple[Any, Subscriber]]:
+    """An agent tailing a file, connected; the broker is then stopped (SIGSTOP: PUBACKs will not
+    come) and 500 lines are written; yields (agent, subscriber) once a chunk of them is in flight."""
     logs = Subscriber(mosquitto.port, TOPIC)
     subscribers.append(logs)
     log_file = tmp_path / "app.log"
     log_file.write_bytes(b"")
-    agent = make_agent(agent_config(mosquitto, log_file))
+    agent = make_agent(agent_config(mosquitto, log_file, spool))
     agent.start()
     wait_for(lambda: uploader_status(agent).get("connected"), 30, what="agent connected")
-
     assert mosquitto.proc is not None
-    mosquitto.proc.send_signal(signal.SIGSTOP)  # PUBACKs will not come
+    mosquitto.proc.send_signal(signal.SIGSTOP)
     try:
         log_file.write_bytes(b"".join(line_text(n) + b"\n" for n in range(500)))
         wait_for(lambda: uploader_status(agent).get("in_flight", 0) >= 1, 30, what="chunk published")
+        yield agent, logs
+    finally:
+        mosquitto.proc.send_signal(signal.SIGCONT)
+
+
+def test_sigkill_between_publish_and_puback_resends_the_chunk(
+    tmp_path: Path, mosquitto: Broker, make_agent: Any, subscribers: list[Subscriber]
+) -> None:
+    """File lines written to the spool (hold_file_lines = 0: like kernel messages, on flash within
+    flush_interval when not acknowledged); test_holding has the same for lines held in RAM."""
+    with publishing_to_a_stopped_broker(tmp_path, mosquitto, make_agent, subscribers, 'hold_file_lines = "0s"') as (
+        agent,
+        logs,
+    ):
+        wait_for(lambda: len(spool_records(agent.state_dir)) == 500, 30, what="the unacknowledged chunk written")
         in_spool = spool_records(agent.state_dir)
         assert sorted(int(r["body"].split()[1]) for r in in_spool) == list(range(500))
         chunk_ids = {r["chunk_id"] for r in in_spool}
         agent.kill()
-    finally:
-        mosquitto.proc.send_signal(signal.SIGCONT)
 
     # The spool still has it; the restarted agent sends it again, under the same chunk id.
     assert {r["chunk_id"] for r in spool_records(agent.state_dir)} == chunk_ids

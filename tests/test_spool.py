@@ -51,6 +51,7 @@ def test_wal_autoincrement_and_settings(tmp_path: Path) -> None:
     conn = sqlite3.connect(tmp_path / "spool.db")
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental
+    assert conn.execute("PRAGMA page_size").fetchone()[0] == 1024  # a trickle commit writes a few small pages
     assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     conn.close()
     spool.append([chunk()])

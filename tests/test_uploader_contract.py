@@ -92,13 +92,17 @@ def test_chunks_unacknowledged_at_a_sigkill_are_resent_after_restart_with_the_sa
     backend.receiver()
     log_file = tmp_path / "app.log"
     log_file.write_bytes(b"")
-    agent = make_agent(backend.config() + f'[[files]]\ninclude = ["{log_file}"]\nstart_at = "beginning"\n')
+    # File lines written to the spool like kernel messages (hold_file_lines = 0): the RAM path is
+    # test_holding's test_sigkill_while_lines_wait_in_ram_sends_them_again_under_the_same_chunk_id.
+    config = backend.config().replace("[spool]\n", '[spool]\nhold_file_lines = "0s"\n', 1)
+    agent = make_agent(config + f'[[files]]\ninclude = ["{log_file}"]\nstart_at = "beginning"\n')
     agent.start()
     wait_for(lambda: backend.ready(agent.status().get("uploader", {})), 30, what="agent ready to send")
     backend.hold()
     try:
         log_file.write_bytes(b"".join(line_text(n) + b"\n" for n in range(500)))
         wait_for(lambda: backend.unacknowledged(agent.status().get("uploader", {})), 30, what="chunk sent")
+        wait_for(lambda: len(spool_records(agent.state_dir)) == 500, 30, what="the unacknowledged chunk written")
         in_spool = spool_records(agent.state_dir)
         assert sorted(int(r["body"].split()[1]) for r in in_spool) == list(range(500))
         chunk_ids = {r["chunk_id"] for r in in_spool}

@@ -108,6 +108,12 @@ class SpoolConfig:
     durability: str = field(default="full", metadata=_choice("full", "normal"))
     journal: str = field(default="auto", metadata=_choice("auto", "wal", "exclusive", "rollback"))
     flush_interval: float = field(default=1.0, metadata=DURATION)
+    # File lines (still in their files) may wait in RAM this long for delivery before they are written;
+    # 0: never held, committed with their positions every flush_interval (exactly once across a crash).
+    hold_file_lines: float = field(default=30.0, metadata=DURATION)
+    # File lines are cut into chunks at this age when it is above flush_interval (metered links: fewer, better
+    # compressed uploads); kernel messages and other records keep flush_interval.
+    file_flush_interval: float = field(default=0.0, metadata=DURATION)
     chunk_max_records: int = 20000
     chunk_max_bytes: int = field(default=256 * 1024, metadata=SIZE)
     dead_letters_max: int = field(default=4 * 1024**2, metadata=SIZE)

@@ -2,9 +2,18 @@
 
 Durability (guarantee 1): `append()` stores a chunk and the source positions
 it covers in one transaction, synced to disk before it returns when
-`durability = "full"` (the default). Acks and status writes are not synced:
-losing one to a power cut only resends a chunk (at-least-once) or shows an
-older status, while saving a flash sync per acknowledgement.
+`durability = "full"` (the default) unless the caller says the records are
+still in their input (`synced=False`: file lines, read again if the commit is
+lost). Acks and status writes are not synced: losing one to a power cut only
+resends a chunk (at-least-once) or shows an older status, while saving a flash
+sync per acknowledgement.
+
+The RAM tier (`hold`, `spool.held`): chunks may wait in RAM for their
+acknowledgement instead of being written; `oldest` and `ack` treat them like
+stored chunks (one id sequence), `append` writes every one still held with
+their positions, and the positions of acknowledged ones are written by
+`commit_released`. Operations that need the chunk in the file (reject, split,
+time correction) write what is held first.
 
 Space (guarantee 4): the spool keeps the payload bytes it holds under
 `max_size` — or the room the filesystem has, if less — minus room for the WAL
@@ -22,6 +31,7 @@ A chunk whose checksum no longer matches is dropped and counted, never sent.
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 import time
 import uuid
@@ -40,6 +50,7 @@ from edgeagent.spool.database import (
     log,
     wal_limit_for,
 )
+from edgeagent.spool.held import HeldChunks, HeldEntry
 from edgeagent.spool.state import SpoolState
 
 _WARN = 13
@@ -57,6 +68,8 @@ class NewChunk:
     clock_offset_ns: int
     clock_synced: bool
     created_ns: int = field(default_factory=time.time_ns)
+    id: int = 0  # 0: the spool assigns the next one of its sequence
+    chunk_id: str = ""  # the stable id receivers deduplicate by; empty: a random one
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +101,16 @@ class Eviction:
 class Spool(SpoolState):
     """The durable spool (see the package docstring). Create with `Spool.open()`."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._held = HeldChunks()
+        self._next_id = self._max_id() + 1
+
+    def _max_id(self) -> int:
+        """The highest chunk id ever used (AUTOINCREMENT's sequence survives deletes)."""
+        seq = self._conn.execute("SELECT COALESCE(MAX(seq), 0) FROM sqlite_sequence WHERE name = 'chunks'").fetchone()
+        return max(seq[0], self._conn.execute("SELECT COALESCE(MAX(id), 0) FROM chunks").fetchone()[0])
+
     def close(self) -> None:
         try:
             self.retry_unrecorded()
@@ -104,9 +127,11 @@ class Spool(SpoolState):
         positions: dict[str, str | None] | None = None,
         counters: dict[str, int] | None = None,
         boot: tuple[str, int, bool] | None = None,
+        synced: bool = True,
     ) -> list[Eviction]:
         """Store `chunks` and `positions` (None: delete that position) in one
-        synced transaction.
+        transaction, synced when `synced` (and `durability = "full"`), together
+        with every chunk still held in RAM and all the positions held with them.
 
         `boot` = (boot_id, clock_offset_ns, synced) records the boot's clock
         offset for time correction at upload. Returns what had to be evicted
@@ -116,22 +141,86 @@ class Spool(SpoolState):
         retries.
         """
         self.retry_unrecorded()
+        held = self._held.pending()
+        chunks = [*(e.new for e in held), *self._with_ids(chunks)]
+        positions = {**self._held.positions(), **(positions or {})}
+        counters = _added(counters or {}, self._held.counters())
+        synced = synced or any(e.durable for e in held)
         incoming = sum(len(c.payload) for c in chunks)
         try:
             evictions = self._make_room(incoming) if chunks else []
-            self._insert(chunks, positions, counters, boot)
+            self._insert(chunks, positions, counters, boot, synced)
         except sqlite3.DatabaseError as e:
             if not is_corruption(e):
                 raise
             # Malformed pages found while the agent runs (flash errors): the
             # same treatment as at start-up, then the write goes to the new file.
             self._recover(str(e))
+            self._next_id = max(self._next_id, self._max_id() + 1)
             evictions = []
-            self._insert(chunks, positions, counters, boot)
+            self._insert(chunks, positions, counters, boot, synced)
+        self._held.clear()
         self._payload_bytes += incoming
         self._chunk_count += len(chunks)
         self._ensure_reserve()
         return evictions
+
+    def _with_ids(self, chunks: Sequence[NewChunk]) -> list[NewChunk]:
+        """`chunks` numbered from the spool's one sequence (held and stored chunks share it)."""
+        numbered = [dataclasses.replace(chunk, id=self._next_id + n) for n, chunk in enumerate(chunks)]
+        self._next_id += len(chunks)
+        return numbered
+
+    # --- the RAM tier ---------------------------------------------------------------
+
+    def hold(
+        self, chunks: Sequence[NewChunk], positions: dict[str, str | None], deadline: float, durable: bool
+    ) -> None:
+        """Keep `chunks` in RAM instead of writing them: `oldest` hands them
+        out and `ack` forgets them. `positions` (reached once they are safe)
+        are written only after every chunk held before them was acknowledged
+        (`commit_released`), or with the chunks themselves (`append` writes
+        everything held). The caller has them written by `deadline`
+        (monotonic) unless acknowledged; `durable`: that write is synced."""
+        for chunk in self._with_ids(chunks):
+            chunk = dataclasses.replace(chunk, chunk_id=chunk.chunk_id or uuid.uuid4().hex)
+            stored = StoredChunk(
+                chunk.id,
+                chunk.chunk_id,
+                chunk.created_ns,
+                chunk.boot_id,
+                chunk.clock_offset_ns,
+                chunk.clock_synced,
+                chunk.records,
+                chunk.raw_bytes,
+                chunk.max_severity,
+                chunk.payload,
+            )
+            self._held.add(HeldEntry(stored, chunk, {}, deadline, durable))
+        self._held.add_positions(positions)
+
+    def counters(self) -> dict[str, int]:
+        """The counters in the file plus those of chunks delivered from RAM and not written yet."""
+        return _added(super().counters(), self._held.counters())
+
+    @property
+    def held(self) -> HeldChunks:
+        """The RAM tier, to read (counts, deadlines, positions handed over); change it through the spool."""
+        return self._held
+
+    def commit_released(self) -> None:
+        """Write the positions that acknowledged chunks released from RAM, not
+        synced (losing them to a power cut only sends those lines again).
+        Raises sqlite3.OperationalError when the disk refuses (they are kept)."""
+        positions, counters = self._held.released, self._held.counters()
+        if positions or counters:
+            self._insert((), positions, counters, None, synced=False)
+            self._held.forget_released()
+
+    def _store_held(self) -> None:
+        """Write what is held, before an operation that needs the chunk in the file."""
+        if self._held.entries:
+            self.append(synced=False)
 
     def _insert(
         self,
@@ -139,16 +228,18 @@ class Spool(SpoolState):
         positions: dict[str, str | None] | None,
         counters: dict[str, int] | None,
         boot: tuple[str, int, bool] | None,
+        synced: bool = True,
     ) -> None:
         now = time.time_ns()
-        with self._write(synced=True) as c:
+        with self._write(synced=synced) as c:
             if chunks:
                 c.executemany(
-                    "INSERT INTO chunks (chunk_id, created_ns, boot_id, clock_offset_ns, clock_synced, records, "
-                    "raw_bytes, max_severity, payload, crc32) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    "INSERT INTO chunks (id, chunk_id, created_ns, boot_id, clock_offset_ns, clock_synced, records, "
+                    "raw_bytes, max_severity, payload, crc32) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                     [
                         (
-                            uuid.uuid4().hex,
+                            chunk.id,
+                            chunk.chunk_id or uuid.uuid4().hex,
                             chunk.created_ns,
                             chunk.boot_id,
                             chunk.clock_offset_ns,
@@ -242,8 +333,10 @@ class Spool(SpoolState):
         after releasing the reserve), it is remembered, retried before every
         later write, and the chunks are not handed out again meanwhile."""
         ids = [i for i in ids if i not in self._unrecorded_acks]
+        from_ram = self._held.ack(ids)
+        ids = [i for i in ids if i not in from_ram]
         if not ids:
-            return 0
+            return len(from_ram)
         rows = self._select_ids("id, records, length(payload)", "chunks", ids)
         try:
             self._retrying_full(lambda: self._delete_acked(rows))
@@ -251,7 +344,7 @@ class Spool(SpoolState):
             if not self._unrecorded_acks and not self._unrecorded_rejects:
                 log.error("recording %d acknowledgements failed (%s); retrying until it works", len(rows), e)
             self._unrecorded_acks.update(r[0] for r in rows)
-        return len(rows)
+        return len(rows) + len(from_ram)
 
     def _delete_acked(self, rows: list[tuple[Any, ...]]) -> None:
         with self._write(synced=False) as c:
@@ -281,6 +374,8 @@ class Spool(SpoolState):
         """Move chunks the receiver refused for good into dead letters. On a
         full disk the move is remembered and retried (see `ack`)."""
         ids = [i for i in ids if i not in self._unrecorded_rejects]
+        if any(self._held.holds(i) for i in ids):
+            self._store_held()
         rows = self._select_ids(_CHUNK_COLUMNS, "chunks", ids)
         if not rows:
             return 0
@@ -327,6 +422,8 @@ class Spool(SpoolState):
     def replace_payload(self, chunk_id: int, payload: bytes, clock_offset_ns: int) -> None:
         """Swap a chunk's payload after a time correction (to `clock_offset_ns`, now
         marked synced) without changing its id."""
+        if self._held.holds(chunk_id):
+            self._store_held()
         old = self._conn.execute("SELECT length(payload) FROM chunks WHERE id = ?", (chunk_id,)).fetchone()
         if old is None:
             return
@@ -345,14 +442,16 @@ class Spool(SpoolState):
         """Replace a chunk by several (payload, records) parts, in its place in
         the upload order. Parts get ids `<chunk_id>.<n>` so receivers can still
         deduplicate."""
+        self._store_held()
         with self._write(synced=True) as c:
             c.execute("DELETE FROM chunks WHERE id = ?", (chunk.id,))
             new_ids = []
             for n, (payload, records) in enumerate(payloads):
                 c.execute(
-                    "INSERT INTO chunks (chunk_id, created_ns, boot_id, clock_offset_ns, clock_synced, records, "
-                    "raw_bytes, max_severity, payload, crc32) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    "INSERT INTO chunks (id, chunk_id, created_ns, boot_id, clock_offset_ns, clock_synced, records, "
+                    "raw_bytes, max_severity, payload, crc32) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                     (
+                        self._next_id + n,
                         f"{chunk.chunk_id}.{n}",
                         chunk.created_ns,
                         chunk.boot_id,
@@ -365,12 +464,13 @@ class Spool(SpoolState):
                         zlib.crc32(payload),
                     ),
                 )
-                new_ids.append(int(c.lastrowid or 0))
+                new_ids.append(self._next_id + n)
             _bump(c, {"split_extra_chunks": len(payloads) - 1})  # keeps the chunk count a salvage expects
         # New rows sort after newer chunks; upload order is by id, so the parts
         # go out after what was queued behind the original. Receivers order by time.
         self._payload_bytes += sum(len(p) for p, _ in payloads) - len(chunk.payload)
         self._chunk_count += len(payloads) - 1
+        self._next_id += len(payloads)
         return new_ids
 
     # --- reading ------------------------------------------------------------------
@@ -392,7 +492,9 @@ class Spool(SpoolState):
         good = [r for r in rows if zlib.crc32(r[9]) == r[10]]
         if len(good) < len(rows) and self.journal != "readonly":
             self._drop_corrupt([r for r in rows if zlib.crc32(r[9]) != r[10]])
-        return [StoredChunk(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6], r[7], r[8], r[9]) for r in good]
+        stored = [StoredChunk(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6], r[7], r[8], r[9]) for r in good]
+        held = self._held.oldest(n, after_id)
+        return sorted(stored + held, key=lambda c: c.id)[:n] if held else stored
 
     def _drop_corrupt(self, rows: list[tuple[Any, ...]]) -> None:
         """Chunks whose bytes changed on disk (flash bit rot, a torn write the
@@ -420,8 +522,10 @@ class Spool(SpoolState):
         return rows
 
     def count_records(self, ids: Sequence[int]) -> int:
-        """Records held by the chunks `ids` (those still in the spool)."""
-        return sum(r[0] for r in self._select_ids("records", "chunks", list(ids)))
+        """Records held by the chunks `ids` (those still in the spool, in RAM or in the file)."""
+        in_ram = {e.chunk.id: e.chunk.records for e in self._held.pending()}
+        stored = [i for i in ids if i not in in_ram]
+        return sum(in_ram.get(i, 0) for i in ids) + sum(r[0] for r in self._select_ids("records", "chunks", stored))
 
     @property
     def payload_bytes(self) -> int:
@@ -429,14 +533,23 @@ class Spool(SpoolState):
 
     @property
     def chunk_count(self) -> int:
-        return self._chunk_count
+        """Chunks waiting for delivery, in the file and held in RAM."""
+        return self._chunk_count + self._held.count
 
     def backlog(self) -> dict[str, int]:
         row = self._conn.execute(
             "SELECT COUNT(*), COALESCE(SUM(records), 0), COALESCE(SUM(length(payload)), 0), "
             "COALESCE(SUM(raw_bytes), 0), MIN(created_ns) FROM chunks"
         ).fetchone()
-        return {"chunks": row[0], "records": row[1], "bytes": row[2], "raw_bytes": row[3], "oldest_ns": row[4] or 0}
+        held = [e.chunk for e in self._held.pending()]
+        return {
+            "chunks": row[0] + len(held),
+            "records": row[1] + sum(c.records for c in held),
+            "bytes": row[2] + sum(len(c.payload) for c in held),
+            "raw_bytes": row[3] + sum(c.raw_bytes for c in held),
+            "oldest_ns": min(filter(None, [row[4], *(c.created_ns for c in held)]), default=0),
+            "held_in_ram": len(held),
+        }
 
     def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
         rows = self._conn.execute(
@@ -452,3 +565,10 @@ class Spool(SpoolState):
 
     def dead_letter_payloads(self) -> list[tuple[str, bytes]]:
         return self._conn.execute("SELECT chunk_id, payload FROM dead_letters ORDER BY id").fetchall()
+
+
+def _added(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    out = dict(a)
+    for name, value in b.items():
+        out[name] = out.get(name, 0) + value
+    return out

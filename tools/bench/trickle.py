@@ -55,6 +55,7 @@ RATES = (5, 50)
 LINKS = ("up", "down")
 WARMUP_S = 10.0
 SYNC_CALLS = "fsync,fdatasync,msync,sync_file_range"
+METERED = '[spool]\nfile_flush_interval = "30s"\n'
 
 
 def line_text(i: int) -> bytes:
@@ -317,11 +318,39 @@ def variants(seconds: float, agents: tuple[str, ...] = ("edgeagent", "fluent-bit
             if "fluent-bit" in agents:
                 fn = lambda r=rate, li=link: fluent_bit_once(r, li, seconds)  # noqa: E731
                 threads.append(threading.Thread(target=one, args=(f"fluent-bit {rate}/s link {link}", fn)))
+    if "edgeagent" in agents:  # the metered-link setting: one upload of file lines per 30 s
+        fn = lambda: edgeagent_once(5, "up", seconds, METERED, "-metered")  # noqa: E731
+        threads.append(threading.Thread(target=one, args=("edgeagent 5/s link up, metered", fn)))
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     return dict(sorted(results.items()))
+
+
+CURVE_FLUSH_INTERVALS = ("0.5s", "1s", "2s", "5s", "10s", "30s")
+
+
+def curve(seconds: float) -> dict[str, Any]:
+    """Link down, 5 lines/s, `hold_file_lines = "0s"` (file lines committed and
+    synced every flush_interval, as kernel messages are while unacknowledged),
+    for each flush_interval, side by side: the flash cost of a loss window of
+    flush_interval for records no input keeps."""
+    results: dict[str, Any] = {}
+
+    def one(interval: str) -> None:
+        extra = f'[spool]\nflush_interval = "{interval}"\nhold_file_lines = "0s"\n'
+        try:
+            results[interval] = {"status": "ok", **edgeagent_once(5, "down", seconds, extra, f"-curve-{interval}")}
+        except Exception as e:
+            results[interval] = {"status": "failed", "reason": f"{type(e).__name__}: {e}"[:500]}
+
+    threads = [threading.Thread(target=one, args=(interval,)) for interval in CURVE_FLUSH_INTERVALS]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {k: results[k] for k in CURVE_FLUSH_INTERVALS}
 
 
 def render(results: dict[str, Any]) -> list[str]:
@@ -352,7 +381,20 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="the trickle scenario alone (see the module docstring)")
     parser.add_argument("--seconds", type=float, default=300.0)
     parser.add_argument("--agents", default="edgeagent,fluent-bit")
+    parser.add_argument("--curve", action="store_true", help="flush_interval curve instead (link down, 5 lines/s)")
     args = parser.parse_args()
+    if args.curve:
+        points = curve(args.seconds)
+        print(json.dumps(points, indent=1))
+        print("| flush_interval (= loss window) | flash dirtied per line | flash per day | syncs per minute |")
+        print("|---|---|---|---|")
+        for interval, r in points.items():
+            if r["status"] == "ok":
+                print(
+                    f"| {interval} | {r['flash_per_line']:,.0f} B | {r['flash_bytes_per_day'] / 1e6:,.0f} MB "
+                    f"| {r['syncs_per_min']:.1f} |"
+                )
+        raise SystemExit(0)
     results = variants(args.seconds, tuple(args.agents.split(",")))
     print(json.dumps(results, indent=1))
     print("\n".join(render(results)))
