@@ -228,6 +228,8 @@ def test_power_cut_during_a_trickle_loses_no_record_older_than_flush_interval_an
         assert must_have, "the test sent nothing old enough"
         missing = sorted(b for b in must_have if not any(b in body for body in in_spool))
         assert not missing, f"lost {len(missing)} records older than flush_interval: {missing[:5]}"
+        kept = sum(any(f"syslog {n:06d}" in body for body in in_spool) for _, n in sent)
+        print(f"power cut: {kept} of {len(sent)} syslog messages on the device; {len(must_have)} had to be")
         # Reboot: the agent on the device as it was at the cut, the link up.
         sub = Subscriber(mosquitto.port, TOPIC)
         subscribers.append(sub)
