@@ -407,9 +407,11 @@ def idle(w: Work) -> dict[str, Any]:
         agent.check_alive("the agent")
         before = agent.snapshot()
         threads_before = len(os.listdir(f"/proc/{agent.pid}/task"))
+        others_kmsg = KmsgCounter()  # records other processes write to /dev/kmsg wake the agent (kmsg is on)
         time.sleep(w.idle_seconds)
         agent.check_alive("the agent")
         after = agent.snapshot()
+        kmsg_records = others_kmsg.close()
     finally:
         peek.close()
         final = agent.stop()
@@ -420,9 +422,38 @@ def idle(w: Work) -> dict[str, Any]:
         "wakeups_per_s": (after.ctxt_switches - before.ctxt_switches) / w.idle_seconds,
         "cpu_s_per_hour": (after.cpu_s - before.cpu_s) / w.idle_seconds * 3600,
         "disk_write_bytes_idle": after.write_bytes - before.write_bytes,
+        "kmsg_records_by_others": kmsg_records,
         "threads": threads_before,
         "seconds": w.idle_seconds,
     }
+
+
+class KmsgCounter:
+    """Counts the records written to /dev/kmsg from now until `close()` (-1: /dev/kmsg not readable)."""
+
+    def __init__(self) -> None:
+        try:
+            self.fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
+            os.lseek(self.fd, 0, os.SEEK_END)
+        except OSError:
+            self.fd = -1
+
+    def close(self) -> int:
+        if self.fd < 0:
+            return -1
+        count = 0
+        try:
+            while True:
+                try:
+                    os.read(self.fd, 8192)
+                    count += 1
+                except BrokenPipeError:  # overwritten records: the next read goes on
+                    continue
+        except BlockingIOError:
+            pass
+        finally:
+            os.close(self.fd)
+        return count
 
 
 # --- scenario 4: start-up ------------------------------------------------------
