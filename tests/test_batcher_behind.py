@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 from edgeagent.config import SpoolConfig
 from edgeagent.otlp import ChunkEncoder
-from edgeagent.pipeline import Batcher, _split_batch
+from edgeagent.pipeline import Batcher
+from edgeagent.pipeline.batcher import _split_batch
 from edgeagent.records import Batch, Record
 from edgeagent.spool import Spool
 
