@@ -307,9 +307,12 @@ def powercut(guest: Guest, rx: Receiver, result: Result, rounds: int, log: Calla
     if tally["kmsg_lost"] or tally["file_lost"]:
         problems.append(f"committed records lost with durability=full: {tally}")
     # A resend of the same chunk is the at-least-once window (sent, cut before the ack was committed);
-    # the same record in another chunk would mean a position and its chunk were not committed together.
-    if tally["kmsg_dup_other_chunk"] or tally["file_dup_other_chunk"]:
-        problems.append(f"records read twice into different chunks with durability=full: {tally}")
+    # a kernel record in another chunk would mean a position and its chunk were not committed together.
+    # File lines are different by design (docs/spool.md, "Flash wear"): a chunk of file lines acknowledged
+    # from RAM has its position written up to 30 s later, unsynced, so a cut reads those lines again from
+    # the file, cut into chunks that need not match: counted (`file_dup_other_chunk`), not a failure.
+    if tally["kmsg_dup_other_chunk"]:
+        problems.append(f"kernel records read twice into different chunks with durability=full: {tally}")
     return problems
 
 
