@@ -253,14 +253,19 @@ def edgeagent_once(rate: int, link: str, seconds: float, extra_config: str = "",
         if proxy:
             proxy.close()
         broker.stop()
+    _add_wire(figures, wire, writer)
+    figures["delivered_records"] = count_records(sub.payloads) if link == "up" else 0
+    figures["messages"] = len(sub.payloads)
+    return figures
+
+
+def _add_wire(figures: dict[str, Any], wire: int, writer: Writer) -> None:
+    """The window's wire bytes (what the client sent through the proxy), per line and per raw byte."""
     figures.pop("_raw0")
     figures["wire_bytes"] = wire
     figures["wire_per_line"] = wire / max(figures["lines"], 1)
     figures["wire_per_raw"] = wire / max(figures["raw_bytes"], 1)
     figures["written_lines"] = writer.lines
-    figures["delivered_records"] = count_records(sub.payloads) if link == "up" else 0
-    figures["messages"] = len(sub.payloads)
-    return figures
 
 
 def fluent_bit_once(rate: int, link: str, seconds: float) -> dict[str, Any]:
@@ -289,11 +294,7 @@ def fluent_bit_once(rate: int, link: str, seconds: float) -> dict[str, Any]:
         if proxy:
             proxy.close()
         receiver.close()
-    figures.pop("_raw0")
-    figures["wire_bytes"] = wire
-    figures["wire_per_line"] = wire / max(figures["lines"], 1)
-    figures["wire_per_raw"] = wire / max(figures["raw_bytes"], 1)
-    figures["written_lines"] = writer.lines
+    _add_wire(figures, wire, writer)
     return figures
 
 
