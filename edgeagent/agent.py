@@ -27,10 +27,11 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from edgeagent import __version__, clock, redact, service, statedir
+from edgeagent import __version__, clock, redact, service, statedir, tls
 from edgeagent import config as config_mod
 from edgeagent.codec import ChunkCodec
 from edgeagent.config import Config, ConfigError
+from edgeagent.errors import RestartRequired
 from edgeagent.mqtt import MqttSession, SessionKeeper
 from edgeagent.otlp import ChunkEncoder
 from edgeagent.pipeline import (
@@ -139,6 +140,7 @@ class Agent:
         self._fleet_task: asyncio.Task[None] | None = None
         self._lock = statedir.RunLock(config.state_dir)
         self._mqtt = SessionKeeper(lambda: self.spool.backlog() if self.spool is not None else {})
+        self.restart_for_tls = False  # `run()` executes the agent again once it stopped (edgeagent.tls)
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -184,12 +186,13 @@ class Agent:
                 self._fleet = FleetDevice(self, self.config)
                 self._fleet.redact = self._redactor.text
                 self.config = self._fleet.startup()
-            self._start_components(build_components(self.config))
-            if self._fleet is not None:
-                self._fleet_task = asyncio.create_task(self._supervise("fleet", self._fleet.run), name="fleet")
-            self._write_status("running")
-            notifier.start_watchdog()
-            notifier.ready(f"running: device {self.config.device_id}")
+            if not self._begin_restart_for_tls(self.config, "the config"):
+                self._start_components(build_components(self.config))
+                if self._fleet is not None:
+                    self._fleet_task = asyncio.create_task(self._supervise("fleet", self._fleet.run), name="fleet")
+                self._write_status("running")
+                notifier.start_watchdog()
+                notifier.ready(f"running: device {self.config.device_id}")
             while not self._stop.is_set():
                 stop_wait = asyncio.ensure_future(self._stop.wait())
                 reload_wait = asyncio.ensure_future(self._reload.wait())
@@ -202,14 +205,17 @@ class Agent:
                 self.spool.retry_unrecorded()
                 self._write_status("running")
                 self._heap.trim()
-            notifier.stopping()
+            if self.restart_for_tls:
+                notifier.reloading("restarting to load TLS")
+            else:
+                notifier.stopping()
             log.info("stopping")
             if self._fleet_task is not None:
                 self._fleet_task.cancel()
                 await asyncio.gather(self._fleet_task, return_exceptions=True)
             committed = await self._stop_components()
             await self._mqtt.close()
-            self._write_status("stopped")
+            self._write_status("restarting" if self.restart_for_tls else "stopped")
         finally:
             notifier.close()
             self.spool.close()
@@ -369,6 +375,8 @@ class Agent:
         log.info("reloading config from %s", path)
         try:
             await self.apply_config(new)
+        except RestartRequired:
+            return
         except ConfigError as e:
             log.error("reload refused, keeping the running config: %s", e)
             self._errors["config"] = str(e)
@@ -379,10 +387,17 @@ class Agent:
         """Apply `new` live. Everything is built before anything stops, so a
         config that parses but cannot be used (an unreadable CA file) raises
         ConfigError and leaves the running components alone. Then only the
-        components whose sections changed are replaced."""
+        components whose sections changed are replaced. A config that needs TLS
+        this process kept out raises RestartRequired: the agent stops to start again."""
         from edgeagent.sources import build_sources
         from edgeagent.uploaders import build_uploader
 
+        if new.uses_tls and not tls.available():
+            problem = await tls.check_elsewhere(new)
+            if problem:
+                raise ConfigError(problem)
+            self._begin_restart_for_tls(new, "the new config")
+            raise RestartRequired("restarting to load TLS")
         check_files(new)
         old = self.config
         if new.state_dir != old.state_dir:
@@ -419,6 +434,18 @@ class Agent:
             self._spawn(f"source {name}", functools.partial(built[name].run, source_ctx))
         if replaced or changed:
             log.info("applied config: changed %s; restarted %s", sorted(changed), sorted(replaced) or "no source")
+
+    def _begin_restart_for_tls(self, config: Config, what: str) -> bool:
+        """When `config` needs TLS that this process kept out: begin a clean stop
+        after which `run()` starts the agent again with TLS, and return True."""
+        if not config.uses_tls or tls.available():
+            return False
+        log.warning("%s uses TLS, kept out of this process until now: restarting with TLS loaded", what)
+        if self._fleet is not None:
+            self._fleet.prepare_restart()
+        self.restart_for_tls = True
+        self._stop.set()
+        return True
 
     async def _stop_task(self, name: str) -> None:
         tasks = [t for t in self._tasks if t.get_name() == name]
@@ -561,4 +588,8 @@ class _Heap:
 
 def run(config: Config) -> int:
     service.configure_logging(config.log_level, config.log_format)
-    return asyncio.run(Agent(config).run())
+    agent = Agent(config)
+    code = asyncio.run(agent.run())
+    if agent.restart_for_tls:  # what was not committed is read again at this next start
+        tls.restart_with_tls()
+    return code

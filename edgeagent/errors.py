@@ -4,6 +4,7 @@
     ├── ConfigError ............ bad config: names the file, line, key and value, and what was expected
     │   └── StateDirError ...... state_dir unsafe or unusable (symlink, group/other writable, not a dir)
     ├── AlreadyRunning ......... another agent holds state_dir/edgeagent.lock
+    ├── RestartRequired ........ a new config needs TLS this process kept out: the agent restarts itself
     ├── SpoolError ............. the spool can never be used as it is (newer schema, no state dir)
     │   └── SpoolUnavailable ... the spool cannot be used right now (disk full, EIO, read-only, locked)
     ├── TransportError ......... the way to the broker or collector failed, or the peer broke the protocol
@@ -26,6 +27,9 @@ Who raises and who catches:
   `status` shows it) and by fleet config (the remote layer is rejected). StateDirError: `statedir.prepare`;
   exit 2 like any config error.
 - AlreadyRunning: `statedir.RunLock.acquire`, at once, never waiting; the CLI exits 1 naming the pid.
+- RestartRequired: `Agent.apply_config`, once the new config was checked whole (with TLS, in a child) and
+  the agent began a clean stop to execute itself again with TLS (`tls`). Caught by the reload (nothing
+  more to do) and by `fleet.device` (the probation goes on after the restart, `prepare_restart`).
 - SpoolError: `Spool.open` (newer schema, state dir cannot be created, the schema child failed); the CLI
   exits 1. SpoolUnavailable: `Spool.open`, with the files left as they were; the agent waits it out (1 s
   doubling to 30 s, shown in `status`). A write that fails the same way (`Spool.append`) raises the plain
@@ -90,6 +94,11 @@ class StateDirError(ConfigError):
 
 class AlreadyRunning(EdgeagentError):
     """Another agent holds the run lock of this state dir."""
+
+
+class RestartRequired(EdgeagentError):
+    """A new config needs TLS, which this process kept out (edgeagent.tls): the
+    agent is stopping cleanly to start again with it."""
 
 
 # --- the spool --------------------------------------------------------------------

@@ -23,6 +23,7 @@ import logging
 import os
 import socket
 import sys
+import time
 from collections.abc import Mapping
 
 log = logging.getLogger("edgeagent.service")
@@ -121,6 +122,10 @@ class Notifier:
 
     def stopping(self) -> None:
         self.send("STOPPING=1", "STATUS=stopping")
+
+    def reloading(self, status: str) -> None:
+        """Before the agent executes itself again (same PID); the new process sends READY=1."""
+        self.send("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}", f"STATUS={status}")
 
     def start_watchdog(self) -> None:
         """Ping from the running loop until `close()`."""

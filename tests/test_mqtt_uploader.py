@@ -23,7 +23,7 @@ from mqtt_helpers import (
     line_numbers,
     record_example,
 )
-from tls import Pki, make_pki
+from tls import Pki, make_pki, mosquitto_tls_listener
 
 from edgeagent.uploaders.mqtt import broker_url_for_display
 
@@ -174,14 +174,6 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("pki"))
 
 
-def tls_listener(pki: Pki, port: int, require_client_cert: bool) -> str:
-    return (
-        f"listener {port} 127.0.0.1\n"
-        f"cafile {pki.ca_cert}\ncertfile {pki.server_cert}\nkeyfile {pki.server_key}\n"
-        f"require_certificate {'true' if require_client_cert else 'false'}\n"
-    )
-
-
 @pytest.mark.parametrize("mutual", [False, True], ids=["tls", "mutual-tls"])
 def test_tls(
     tmp_path: Path,
@@ -192,7 +184,7 @@ def test_tls(
     subscribers: list[Subscriber],
 ) -> None:
     tls_port = free_port()
-    broker = make_broker(tls_listener(pki, tls_port, mutual))
+    broker = make_broker(mosquitto_tls_listener(pki, tls_port, mutual))
     logs = Subscriber(broker.port, TOPIC)  # the plain listener of the same broker
     subscribers.append(logs)
     url = f"mqtts://127.0.0.1:{tls_port}"

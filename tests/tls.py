@@ -71,3 +71,12 @@ def make_pki(directory: Path) -> Pki:
         "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=clientAuth\n",
     )
     return Pki(ca[1], server_cert, server_key, client_cert, client_key, other[1])
+
+
+def mosquitto_tls_listener(pki: Pki, port: int, require_client_cert: bool = False) -> str:
+    """mosquitto.conf lines for a TLS listener on 127.0.0.1:`port` with the test server certificate."""
+    return (
+        f"listener {port} 127.0.0.1\n"
+        f"cafile {pki.ca_cert}\ncertfile {pki.server_cert}\nkeyfile {pki.server_key}\n"
+        f"require_certificate {'true' if require_client_cert else 'false'}\n"
+    )

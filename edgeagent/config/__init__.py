@@ -210,6 +210,12 @@ class Config:
         """The one place that says who needs the MQTT session: logs over MQTT, or fleet config."""
         return self.upload.to == "mqtt" or self.fleet.enabled
 
+    @property
+    def uses_tls(self) -> bool:
+        """Whether an endpoint the agent talks to needs TLS (without it, `ssl` stays out: edgeagent.tls)."""
+        mqtts = self.needs_mqtt_session and self.mqtt.url.lower().startswith("mqtts:")
+        return mqtts or (self.upload.to == "otlp_http" and self.otlp_http.endpoint.lower().startswith("https:"))
+
     def to_dict(self, redact: bool = True) -> dict[str, Any]:
         """The effective configuration, as TOML-ready plain data; secret values
         are replaced by REDACTED unless `redact` is false."""

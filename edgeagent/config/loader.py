@@ -154,10 +154,18 @@ def _of_kind(kind: str, meta: Any, raw: Any) -> Any:
 def error_at(config: Config, key: str, value: Any, expected: str) -> ConfigError:
     """A ConfigError naming `key` at its line in the config file, like parse errors do."""
     try:
-        text = Path(config.source_path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        text = ""
-    try:
-        _Loader(config.source_path, text).fail(key, value, expected)
+        _Loader(config.source_path, _text_of(config.source_path)).fail(key, value, expected)
     except ConfigError as e:
         return e
+
+
+def line_of(source_path: str, key: str) -> int | None:
+    """The line of the config file where `key` (dotted, as in error messages) is set, best effort."""
+    return _Loader(source_path, _text_of(source_path))._line_of(key)
+
+
+def _text_of(source_path: str) -> str:
+    try:
+        return Path(source_path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return ""

@@ -13,7 +13,9 @@ talks to the broker only through the agent's shared MQTT session. Guarantees:
   verified, so forged messages cannot block future versions;
 - the probation marker and the candidate layers are persisted before the
   apply; a crash or reboot while on probation restores the last good layers
-  at the next start (`startup`) and reports `rolled_back`;
+  at the next start (`startup`) and reports `rolled_back`. Only the agent's
+  own restart to load TLS (`prepare_restart`, edgeagent.tls) keeps the
+  candidate: its probation starts again, in full, after that restart;
 - an apply is committed as last good only after its proof: for applies that
   touch connectivity (or all, with `probation_always`), the session is
   connected, sources run, the spool takes writes and the `applied` report was
@@ -33,6 +35,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from edgeagent.config import Config, ConfigError
+from edgeagent.errors import RestartRequired
 from edgeagent.fleet import layers, policy, report
 from edgeagent.fleet.envelope import EnvelopeError, Verifier, decode
 from edgeagent.fleet.store import FleetState, FleetStore, Layer, layers_hash
@@ -87,6 +90,7 @@ class FleetDevice:
         self._session: Session | None = None
         self._report_due = asyncio.Event()
         self._acknowledged: dict[str, Any] = {}
+        self._resumed: dict[str, Any] | None = None  # a probation that goes on after a restart for TLS
         self.redact: Callable[[str], str] = lambda text: text  # the agent's Redactor: known secret values
         try:
             self.verifier: Verifier | None = Verifier(self.fleet.trusted_keys)
@@ -101,7 +105,10 @@ class FleetDevice:
         """The config to start with: local file < remote layers in effect.
         A probation interrupted by a crash or reboot is rolled back first."""
         marker = self.state.probation
-        if marker is not None:
+        if marker is not None and marker.pop("resume", False):
+            self._resumed = marker
+            self.store.save(self.state)  # a crash from now on rolls back, as for any probation
+        elif marker is not None:
             self.state.applied = dict(self.state.last_good)
             self.state.reject(marker["scope"], int(marker["version"]))
             self.state.probation = None
@@ -124,6 +131,12 @@ class FleetDevice:
             self._set_status("applied", f"device:{self.local.device_id}", 0, "")
         self._report_due.set()
         return config
+
+    def prepare_restart(self) -> None:
+        """The agent restarts to load TLS: a probation under way goes on after it."""
+        if self.state.probation is not None:
+            self.state.probation["resume"] = True
+            self.store.save(self.state)
 
     def with_layers(self, local: Config) -> Config:
         """SIGHUP: the re-read local file with the remote layers in effect over
@@ -150,6 +163,10 @@ class FleetDevice:
     async def run(self) -> None:
         reporter = asyncio.create_task(self._report_loop(), name="fleet report")
         try:
+            if (marker := self._resumed) is not None:
+                self._resumed = None
+                log.info("fleet: %s v%d back on probation after the restart", marker["scope"], marker["version"])
+                await self._probation(marker["scope"], int(marker["version"]), marker["reason"])
             while True:
                 scope, payload = await self._queue.get()
                 try:
@@ -214,6 +231,8 @@ class FleetDevice:
         log.info("fleet: applying %s v%d%s", scope, version, f" on probation ({why})" if why else "")
         try:
             await self.host.apply_config(new)
+        except RestartRequired:
+            return  # the agent stops and starts again with the candidate (`prepare_restart`)
         except Exception as e:
             await self._restore(scope, version, "failed", f"cannot apply: {e}")
             return
@@ -281,6 +300,8 @@ class FleetDevice:
         self.store.save(self.state)
         try:
             await self.host.apply_config(layers.effective(self.local, self.state.applied))
+        except RestartRequired:
+            return  # the agent starts again with the restored layers
         except Exception:
             log.exception("fleet: restoring the last good config failed; restoring the local config alone")
             await self.host.apply_config(self.local)

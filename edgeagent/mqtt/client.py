@@ -20,12 +20,14 @@ from __future__ import annotations
 import json
 import logging
 import random
-import ssl
 import sys
 import types
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    import ssl
 
 
 def _defer_import(name: str) -> None:
@@ -56,13 +58,18 @@ def _defer_import(name: str) -> None:
 
 _defer_import("urllib.request")
 
+import paho.mqtt.client as paho_client  # noqa: E402
 from paho.mqtt.client import Client  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion  # noqa: E402
 from paho.mqtt.packettypes import PacketTypes  # noqa: E402
 from paho.mqtt.properties import Properties  # noqa: E402
 
+from edgeagent import tls  # noqa: E402
 from edgeagent.config import Config  # noqa: E402
 from edgeagent.errors import PacketTooLarge  # noqa: E402
+
+if paho_client.ssl is None:  # TLS kept out of this process (see edgeagent.tls)
+    paho_client.ssl = tls.ssl_stand_in()
 
 log = logging.getLogger("edgeagent.mqtt")
 
@@ -230,6 +237,8 @@ def _password(config: Config) -> str | None:
 def _tls_context(config: Config) -> ssl.SSLContext:
     """Verification on: the broker's chain against `ca_file` (or the system
     store), and its name unless `tls_insecure`."""
+    import ssl
+
     m = config.mqtt
     try:
         context = ssl.create_default_context(cafile=m.ca_file or None)

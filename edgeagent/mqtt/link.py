@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -123,7 +123,7 @@ class Link:
             raise ConnectFailed(f"connecting to {address} did not finish within {limit:.0f}s")
         try:
             rc = attempt.result()
-        except (OSError, ssl.SSLError, ssl.CertificateError, ValueError) as e:
+        except (OSError, ValueError) as e:  # ssl's errors are OSErrors
             self.close()
             raise ConnectFailed(f"cannot connect to {address}: {describe(e)}") from None
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
@@ -182,7 +182,8 @@ class Link:
             rc = client.loop_read()
             # TLS may hold decrypted bytes the kernel no longer shows as readable.
             sock = client.socket()
-            while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and isinstance(sock, ssl.SSLSocket) and sock.pending():
+            ssl = sys.modules.get("ssl")  # None where TLS is kept out (edgeagent.tls)
+            while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and ssl and isinstance(sock, ssl.SSLSocket) and sock.pending():
                 rc = client.loop_read()
                 sock = client.socket()
         except Exception as e:

@@ -39,11 +39,11 @@ import asyncio
 import contextlib
 import logging
 import re
-import ssl
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgeagent import __version__, codec
 from edgeagent.config import Config, ConfigError, display_url, parse_url
@@ -60,6 +60,9 @@ from edgeagent.uploaders.http11 import (
 )
 from edgeagent.uploaders.otlp_answer import explanation, parse_partial_success
 from edgeagent.uploaders.outcome import Delivered, Outcome, Rejected, Retry, Settled, Split, settle
+
+if TYPE_CHECKING:
+    import ssl
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +188,8 @@ class OtlpHttpUploader:
         return address.scheme, host, address.port, path, host_header
 
     def _ssl_context(self) -> ssl.SSLContext:
+        import ssl  # only for https: TLS is kept out of agents that do not use it (edgeagent.tls)
+
         cfg = self._cfg
         try:
             context = ssl.create_default_context(cafile=cfg.ca_file or None)
@@ -584,7 +589,8 @@ class OtlpHttpUploader:
 
 
 def _describe(error: BaseException) -> str:
-    if isinstance(error, ssl.SSLCertVerificationError):
+    ssl = sys.modules.get("ssl")  # None where TLS is kept out (edgeagent.tls)
+    if ssl and isinstance(error, ssl.SSLCertVerificationError):
         return f"TLS certificate verification failed: {error.verify_message or error}"
     if isinstance(error, ConnectionRefusedError):
         return "connection refused"

@@ -1,0 +1,121 @@
+"""TLS support in the running agent: loaded only when the config uses it.
+
+asyncio and paho import `ssl` whatever the config, and `hashlib` loads
+OpenSSL's libcrypto for hashes CPython also builds in: together about 4.5 MiB
+of an idle agent's RSS (measured, BENCHMARKS.md). `edgeagent run` calls
+`keep_out()` before importing them when no endpoint of the config uses TLS
+(`Config.uses_tls`): `import ssl` then raises ImportError, which asyncio is
+written to handle ("no TLS here"; paho gets `ssl_stand_in()`), and hashlib
+uses CPython's own sha256 and blake2 (the agent's only hashes).
+
+Guarantees:
+- a config that needs TLS always gets it: when one is applied later (SIGHUP,
+  a fleet config), it is first checked whole in a child process with TLS
+  (`check_elsewhere`: an unusable one is refused like any bad reload, the
+  running config kept), then the agent stops cleanly and `restart_with_tls()`
+  executes the same command line again with `EDGEAGENT_TLS=1` (same PID: a
+  service manager sees a reload). Everything the agent must keep is durable in
+  the state dir; a fleet probation continues after the restart
+  (fleet/device.py).
+- `EDGEAGENT_TLS=1` in the environment loads TLS from the start.
+- a process where TLS was never kept out is never restarted for it: a Python
+  built without `ssl` fails the TLS connection with a clear error instead.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import types
+from collections.abc import MutableMapping
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:
+    from edgeagent.config import Config
+
+ENV = "EDGEAGENT_TLS"
+
+
+def keep_out(environ: MutableMapping[str, str] = os.environ) -> bool:
+    """Make `import ssl` (and OpenSSL's hashlib backend) fail in this process,
+    unless TLS was asked for or is loaded already. True when it did."""
+    if environ.get(ENV) == "1" or "ssl" in sys.modules or "_ssl" in sys.modules:
+        return False
+    sys.modules["ssl"] = sys.modules["_ssl"] = None  # type: ignore[assignment]
+    try:  # hashlib falls back on these; a Python built without them keeps OpenSSL's
+        for builtin in ("_sha256", "_blake2"):
+            __import__(builtin)
+    except ImportError:
+        return True
+    if "_hashlib" not in sys.modules:
+        sys.modules["_hashlib"] = None  # type: ignore[assignment]
+    return True
+
+
+def available() -> bool:
+    """False when `keep_out()` kept TLS out of this process."""
+    return not ("ssl" in sys.modules and sys.modules["ssl"] is None)
+
+
+def restart_with_tls() -> NoReturn:
+    """Execute this process's command line again, with TLS loaded. Call only
+    after a clean stop (run lock released, spool closed)."""
+    os.environ[ENV] = "1"
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+
+
+class _NeverRaised(Exception):
+    """Stands for ssl's exceptions where TLS is kept out: no plain socket raises it."""
+
+
+def ssl_stand_in() -> types.SimpleNamespace:
+    """What paho's module-level `ssl` should be where TLS is kept out. paho 2.x
+    names `ssl.SSLWantReadError` and `ssl.SSLWantWriteError` in the except
+    clauses of every socket read and write; with `ssl = None` (its own
+    fallback) a plain EAGAIN would become an AttributeError there and break the
+    connection. With this stand-in those clauses never match, as without TLS."""
+    return types.SimpleNamespace(
+        SSLWantReadError=_NeverRaised,
+        SSLWantWriteError=_NeverRaised,
+        SSLError=_NeverRaised,
+        CertificateError=_NeverRaised,
+    )
+
+
+async def check_elsewhere(config: Config) -> str:
+    """Why `config` cannot be used ('' when it can), as `edgeagent check-config`
+    finds in a child process with TLS loaded: TLS files can only be checked
+    with TLS, and a config must be known usable before the agent restarts for it."""
+    import asyncio  # not at the top: `keep_out()` runs before asyncio is imported
+
+    import tomli_w
+
+    path = config.state_dir / f".tls-check-{os.getpid()}.toml"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # secrets in it: the agent's user only
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(tomli_w.dumps(config.to_dict(redact=False)))
+    command = [sys.executable, "-m", "edgeagent", "check-config", "-c", str(path)]
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *command, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env={**os.environ, ENV: "1"}
+        )
+        _, err = await process.communicate()
+    finally:
+        path.unlink(missing_ok=True)
+    if process.returncode == 0:
+        return ""
+    text = err.decode(errors="replace").strip().removeprefix("edgeagent: error: ")
+    return _as_in_the_file(text, str(path), config.source_path) or f"check-config exited {process.returncode}"
+
+
+def _as_in_the_file(message: str, copy: str, source_path: str) -> str:
+    """`message` about the copy (`COPY:LINE: key = ...`) as about the config file: its name, its line."""
+    from edgeagent.config.loader import line_of
+
+    where = source_path or "the config"
+    found = re.match(re.escape(copy) + r"(?::\d+)?: ([\w.\[\]]+) = ", message)
+    line = line_of(source_path, found.group(1)) if found and source_path else None
+    return re.sub(re.escape(copy) + r"(:\d+)?", f"{where}:{line}" if line else where, message)

@@ -1,0 +1,228 @@
+"""TLS is loaded only when the config uses it (edgeagent.tls), and a config that turns it on later
+(SIGHUP, a fleet config) gets it: the agent restarts itself, same PID, with TLS loaded.
+
+Checked on the real process: /proc/PID/maps shows whether libssl and libcrypto are mapped."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import tomllib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import REPO, AgentProcess, Broker, free_port, wait_for
+from mqtt_helpers import Subscriber, bodies
+from tls import Pki, make_pki, mosquitto_tls_listener
+
+from edgeagent.fleet.envelope import Envelope
+from edgeagent.fleet.operator import BrokerOptions, Connection
+
+TOPIC = "edgeagent/gw-tls/logs"
+OPENSSL = ("libssl.so", "libcrypto.so", "_ssl.", "_hashlib.")
+
+
+def agent_config(log: Path, mqtt: str, extra: str = "") -> str:
+    return f"""
+device_id = "gw-tls"
+state_dir = "{{state_dir}}"
+[kmsg]
+enabled = false
+[[files]]
+include = ["{log}"]
+start_at = "beginning"
+[spool]
+flush_interval = "100ms"
+[upload]
+to = "mqtt"
+retry_initial = "200ms"
+retry_max = "1s"
+[mqtt]
+{mqtt}
+first_connect_delay = "0s"
+{extra}
+"""
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def tls_broker(tmp_path: Path, pki: Pki) -> Iterator[tuple[Broker, int]]:
+    """One mosquitto with a plain listener (`broker.port`) and a TLS one (the int)."""
+    workdir = tmp_path / "broker"
+    workdir.mkdir()
+    tls_port = free_port()
+    broker = Broker(workdir, mosquitto_tls_listener(pki, tls_port))
+    broker.start()
+    yield broker, tls_port
+    broker.stop()
+
+
+def openssl_mapped(agent: AgentProcess) -> list[str]:
+    assert agent.proc is not None
+    maps = Path(f"/proc/{agent.proc.pid}/maps").read_text()
+    return sorted({name for name in OPENSSL if name in maps})
+
+
+def arrived(logs: Subscriber, text: str) -> bool:
+    return any(text in bodies(message.payload) for message in logs.received())
+
+
+def restarted(agent: AgentProcess, before: dict[str, Any]) -> Callable[[], bool]:
+    """True once the agent runs again, same PID, started after `before`."""
+
+    def check() -> bool:
+        now = agent.status().get("agent", {})
+        return now.get("state") == "running" and now.get("started", 0) > before["started"] and agent.ready()
+
+    return check
+
+
+def start_without_tls(agent: AgentProcess, log: Path, logs: Subscriber) -> tuple[AgentProcess, dict[str, Any]]:
+    """Start `agent` (an mqtt:// config tailing `log`): a line arrives, no OpenSSL is mapped.
+    Returns it with its status before any restart."""
+    log.write_text("line over plain mqtt\n")
+    agent.start()
+    wait_for(lambda: arrived(logs, "line over plain mqtt"), what="the line over mqtt://")
+    assert openssl_mapped(agent) == []
+    return agent, agent.status()["agent"]
+
+
+def test_no_openssl_without_tls_and_sighup_to_mqtts_restarts_with_it(
+    tmp_path: Path, tls_broker: tuple[Broker, int], pki: Pki, make_agent: Any, subscribers: list[Subscriber]
+) -> None:
+    broker, tls_port = tls_broker
+    logs = Subscriber(broker.port, TOPIC)
+    subscribers.append(logs)
+    log = tmp_path / "app.log"
+    agent, before = start_without_tls(make_agent(agent_config(log, f'url = "{broker.url}"')), log, logs)
+    assert agent.proc is not None
+    pid = agent.proc.pid
+
+    text = agent_config(log, f'url = "mqtts://127.0.0.1:{tls_port}"\nca_file = "{pki.ca_cert}"')
+    agent.config_path.write_text(text.replace("{state_dir}", str(agent.state_dir)))
+    agent.signal(signal.SIGHUP)
+    wait_for(restarted(agent, before), 60, what="the agent running again after the restart for TLS")
+    assert agent.proc.pid == pid and agent.proc.poll() is None  # executed itself: same process
+    assert "restarting with TLS loaded" in agent.stderr()
+    assert set(openssl_mapped(agent)) >= {"libssl.so", "_ssl."}
+    with log.open("a") as f:
+        f.write("line over mqtts\n")
+    wait_for(lambda: arrived(logs, "line over mqtts"), what="the line over mqtts://")
+    assert agent.status()["uploader"]["broker"] == f"mqtts://127.0.0.1:{tls_port}"
+    assert agent.stop() == 0
+
+
+def test_reload_to_mqtts_with_an_unusable_ca_is_refused_before_any_restart(
+    tmp_path: Path, tls_broker: tuple[Broker, int], make_agent: Any
+) -> None:
+    """The TLS files are checked (in a child with TLS) before the agent restarts for them:
+    a bad one is refused like any bad reload and the agent keeps running as it was."""
+    broker, tls_port = tls_broker
+    log = tmp_path / "app.log"
+    log.touch()
+    agent = make_agent(agent_config(log, f'url = "{broker.url}"'))
+    agent.start()
+    assert agent.proc is not None
+    bad_ca = tmp_path / "not-a-ca.pem"
+    bad_ca.write_text("not a certificate\n")
+    text = agent_config(log, f'url = "mqtts://127.0.0.1:{tls_port}"\nca_file = "{bad_ca}"')
+    agent.config_path.write_text(text.replace("{state_dir}", str(agent.state_dir)))
+    agent.signal(signal.SIGHUP)
+    wait_for(lambda: "reload refused" in agent.stderr(), what="the refused reload")
+    refusal = next(line for line in agent.stderr().splitlines() if "reload refused" in line)
+    line = agent.config_path.read_text().splitlines().index(f'ca_file = "{bad_ca}"') + 1
+    assert f"{agent.config_path}:{line}: mqtt.ca_file = '{bad_ca}'" in refusal, refusal  # the file's line
+    assert "restarting" not in agent.stderr() and openssl_mapped(agent) == []
+    assert agent.status()["uploader"]["broker"] == broker.url
+    assert not list(agent.state_dir.glob(".tls-check-*"))  # the copy with the secrets is gone
+    assert agent.stop() == 0
+
+
+def test_fleet_config_turning_on_mqtts_is_proven_after_the_restart(
+    tmp_path: Path,
+    tls_broker: tuple[Broker, int],
+    pki: Pki,
+    make_agent: Any,
+    subscribers: list[Subscriber],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """TLS files cannot be set remotely, so the broker is verified against the system store:
+    here SSL_CERT_FILE (read by OpenSSL's defaults) names the test CA."""
+    broker, tls_port = tls_broker
+    monkeypatch.setenv("SSL_CERT_FILE", str(pki.ca_cert))
+    logs = Subscriber(broker.port, TOPIC)
+    subscribers.append(logs)
+    log = tmp_path / "app.log"
+    fleet = '[fleet]\nenabled = true\nallow = ["mqtt.url"]\nprobation = "60s"\n'
+    agent, before = start_without_tls(make_agent(agent_config(log, f'url = "{broker.url}"', fleet)), log, logs)
+    assert agent.proc is not None
+    pid = agent.proc.pid
+
+    url = f"mqtts://127.0.0.1:{tls_port}"
+    envelope = Envelope("device:gw-tls", 1, f'[mqtt]\nurl = "{url}"\n')
+    conn = Connection(BrokerOptions(broker.url))
+    try:
+        conn.publish_retained("edgeagent/gw-tls/config/desired", envelope.encode())
+    finally:
+        conn.close()
+    wait_for(restarted(agent, before), 60, what="the agent running again after the restart for TLS")
+    wait_for(lambda: agent.status().get("fleet", {}).get("state") == "applied", 60, what="fleet v1 applied")
+    status = agent.status()
+    assert status["fleet"]["applied_version"] == 1 and status["uploader"]["broker"] == url
+    assert agent.proc.pid == pid and set(openssl_mapped(agent)) >= {"libssl.so", "_ssl."}
+    assert "back on probation after the restart" in agent.stderr() and "rolled back" not in agent.stderr()
+    state = tomllib.loads((agent.state_dir / "fleet" / "state.toml").read_text())
+    assert "probation" not in state and state["last_good"]["device:gw-tls"]["config"]["mqtt"]["url"] == url
+    with log.open("a") as f:
+        f.write("after the fleet config\n")
+    wait_for(lambda: arrived(logs, "after the fleet config"), what="the line over mqtts://")
+    assert agent.stop() == 0
+
+
+def test_without_tls_hashes_and_paho_socket_errors_work() -> None:
+    """In a process where TLS is kept out: hashlib's built-in sha256 gives the same digests, and a
+    read with nothing to read is EAGAIN to paho (its except clauses name ssl's exceptions)."""
+    code = """
+import json, socket, sys
+from edgeagent import tls
+assert tls.keep_out() and not tls.available()
+import hashlib, asyncio
+from edgeagent.holding import stable_chunk_id
+from edgeagent.mqtt.client import BoundedClient
+from edgeagent.records import Batch
+try:
+    import ssl
+    raise SystemExit("ssl imported")
+except ImportError:
+    pass
+client = BoundedClient(client_id="t")
+client._sock, peer = socket.socketpair()
+client._sock.setblocking(False)
+try:
+    client._sock_recv(1)
+except BlockingIOError:
+    eagain = "BlockingIOError"
+except Exception as e:
+    eagain = type(e).__name__
+chunk_id = stable_chunk_id([Batch("f", [b"a", b"b"], 1, "boot", position=("f:1", 2))])
+print(json.dumps([hashlib.sha256(b"edgeagent").hexdigest(), chunk_id, eagain, sys.modules.get("_hashlib") is not None]))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    digest, chunk_id, eagain, openssl_hashes = json.loads(out.stdout)
+    import hashlib
+
+    from edgeagent.holding import stable_chunk_id
+    from edgeagent.records import Batch
+
+    assert digest == hashlib.sha256(b"edgeagent").hexdigest()
+    assert chunk_id == stable_chunk_id([Batch("f", [b"a", b"b"], 1, "boot", position=("f:1", 2))])
+    assert eagain == "BlockingIOError" and openssl_hashes is False
