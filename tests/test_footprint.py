@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
+
+from conftest import REPO, AgentProcess, Broker, wait_for
 
 
 def run_python(code: str) -> str:
@@ -33,3 +36,48 @@ def test_deferred_module_works_for_code_that_imports_it_afterwards() -> None:
         "print(pathname2url('/a b'), callable(urlopen))\n"
     )
     assert out.split() == ["/a%20b", "True"]
+
+
+def test_running_agent_imports_only_what_its_config_uses(mosquitto: Broker, tmp_path: Path) -> None:
+    """The real `edgeagent run` (kmsg off, one file, logs over mqtt://), with `-X importtime`: none of
+    the modules of other sources, other uploaders, fleet or TLS ran (importtime lists every import
+    attempted; `ssl` may show as attempted: it is refused, and /proc/PID/maps is checked too)."""
+    state_dir = tmp_path / "state"
+    log = tmp_path / "app.log"
+    log.touch()
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'state_dir = "{state_dir}"\n[kmsg]\nenabled = false\n[[files]]\ninclude = ["{log}"]\n'
+        f'[upload]\nto = "mqtt"\n[mqtt]\nurl = "{mosquitto.url}"\nfirst_connect_delay = "0s"\n'
+    )
+    agent = AgentProcess(config, state_dir)
+    with open(agent.stderr_path, "wb") as stderr:
+        agent.proc = subprocess.Popen(
+            [sys.executable, "-X", "importtime", "-m", "edgeagent", "run", "-c", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            cwd=REPO,
+        )
+    try:
+        wait_for(agent.ready, 30, what="agent ready")
+        wait_for(lambda: agent.status().get("uploader", {}).get("connected"), 30, what="connected to the broker")
+        maps = Path(f"/proc/{agent.proc.pid}/maps").read_text()
+    finally:
+        assert agent.stop() == 0
+    imported = {line.split("|")[-1].strip() for line in agent.stderr().splitlines() if line.startswith("import time:")}
+    assert {"edgeagent.sources.files", "edgeagent.uploaders.mqtt", "asyncio", "sqlite3"} <= imported
+    unused = {
+        "edgeagent.uploaders.otlp_http",
+        "edgeagent.sources.journald",
+        "edgeagent.sources.syslog",
+        "edgeagent.sources.kmsg",
+        "edgeagent.fleet.device",
+        "pyudev",
+        "http.client",
+        "email.message",
+        "tenacity",
+        "sqlite_utils",
+        "tomli_w",
+    }
+    assert imported & unused == set()
+    assert not any(name in maps for name in ("libssl.so", "libcrypto.so", "_ssl.", "_hashlib."))
