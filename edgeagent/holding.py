@@ -36,7 +36,10 @@ log = logging.getLogger(__name__)
 FILES_SOURCE, FILE_POSITION_PREFIX = "files", "file:"
 RAM_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})  # a power cut empties them: their files keep nothing
 HOLD_MAX_BYTES = 1024 * 1024  # compressed bytes held in RAM at most; beyond that chunks are written
-RELEASED_POSITIONS_INTERVAL = 30.0  # seconds: positions of chunks delivered from RAM are written this often
+HOLD_PAUSE_BYTES = HOLD_MAX_BYTES // 2  # beyond that file sources pause while held chunks are being delivered
+PAUSE_MAX = 0.5  # seconds sources wait for an acknowledgement to free RAM before reading on (and writing)
+RELEASED_POSITIONS_INTERVAL = 30.0  # seconds: positions of chunks delivered from RAM are written this often,
+RELEASED_POSITIONS_BYTES = 8 * 1024 * 1024  # or once this much text was delivered from RAM (what a crash re-sends)
 
 
 def stable_chunk_id(batches: list[Batch]) -> str:
@@ -67,7 +70,12 @@ class RamHold:
         self.config = config
         self._store = store
         self._deadline_timer: asyncio.TimerHandle | None = None
-        self._released_timer: asyncio.TimerHandle | None = None
+        self._released_timer: asyncio.Handle | None = None
+        self.open = asyncio.Event()  # sources may read; cleared by `_gate` (the batcher's `accepting`)
+        self.open.set()
+        self._pause_timer: asyncio.TimerHandle | None = None
+        self._gate_soon: asyncio.Handle | None = None
+        spool.held.on_ack = self._on_ack
         self._ram_dirs: dict[str, bool] = {}  # directory -> on a RAM filesystem
 
     def replayable(self, batch: Batch) -> bool:
@@ -94,11 +102,9 @@ class RamHold:
         (`must_write`: counters, forgotten positions, a boot's clock), and no
         CRIT/ALERT/EMERG record that no input keeps (journald syncs at once
         after those too)."""
-        held = self.spool.held
-        if must_write or held.payload_bytes + sum(len(c.payload) for c in chunks) > HOLD_MAX_BYTES:
+        if must_write or self.spool.held.payload_bytes + sum(len(c.payload) for c in chunks) > HOLD_MAX_BYTES:
             return False
-        deadline = held.next_deadline()
-        if deadline is not None and deadline <= time.monotonic():
+        if self._overdue():
             return False
         return replayable or all(c.max_severity < SEVERITY_FATAL for c in chunks)
 
@@ -115,6 +121,39 @@ class RamHold:
             deadline = (read_since or time.monotonic()) + self.config.flush_interval
         self.spool.hold(chunks, positions, deadline, durable=not replayable)
         self._arm()
+        self._gate()
+
+    def _gate(self) -> None:
+        """Pause the sources while more than `HOLD_PAUSE_BYTES` of held chunks
+        are on their way to the receiver (some in flight, or acknowledgements
+        came just now), for at most `PAUSE_MAX`: delivery that keeps up paces
+        the reading, the file keeps what is not read yet, and nothing more
+        reaches flash. Room is left for the chunks already read. A slow or
+        broken link does not acknowledge in time: reading goes on and what
+        does not fit is written."""
+        self._gate_soon = None
+        held = self.spool.held
+        if held.payload_bytes > HOLD_PAUSE_BYTES and not self._overdue():
+            recently = time.monotonic() - held.last_ack < PAUSE_MAX
+            if (held.in_flight or recently) and self.open.is_set() and self._pause_timer is None:
+                self.open.clear()
+                self._pause_timer = asyncio.get_running_loop().call_later(PAUSE_MAX, self._pause_over)
+            return
+        self._resume()
+
+    def _pause_over(self) -> None:
+        self._pause_timer = None
+        self.open.set()
+
+    def _resume(self) -> None:
+        if self._pause_timer is not None:
+            self._pause_timer.cancel()
+            self._pause_timer = None
+        self.open.set()
+
+    def _overdue(self) -> bool:
+        deadline = self.spool.held.next_deadline()
+        return deadline is not None and deadline <= time.monotonic()
 
     def _arm(self) -> None:
         try:
@@ -135,6 +174,21 @@ class RamHold:
         if deadline is not None and deadline <= time.monotonic() + 0.001:
             self._store()
         self._arm()
+
+    def _on_ack(self) -> None:
+        """Chunks were acknowledged (called inside `Spool.ack`: act from the loop):
+        maybe room for the paused sources; and when much was delivered from RAM
+        since the positions were last written, write them now (a crash re-sends less)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # outside a loop (tests, tools): the caller writes
+        if self.spool.held.acked_raw_bytes >= RELEASED_POSITIONS_BYTES:
+            if self._released_timer is not None:
+                self._released_timer.cancel()
+            self._released_timer = loop.call_soon(self._on_released)
+        if not self.open.is_set() and self._gate_soon is None:
+            self._gate_soon = loop.call_soon(self._gate)
 
     def _on_released(self) -> None:
         self._released_timer = None

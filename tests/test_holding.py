@@ -6,7 +6,9 @@ is on disk is read with a separate connection."""
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ from conftest import Broker, spool_records, until, wait_for
 from mqtt_helpers import Subscriber, line_numbers
 from test_mqtt_agent import publishing_to_a_stopped_broker
 
+from edgeagent import holding
 from edgeagent.config import SpoolConfig
 from edgeagent.otlp import ChunkEncoder
 from edgeagent.pipeline import Batcher
@@ -226,3 +229,144 @@ def test_sigkill_while_lines_wait_in_ram_sends_them_again_under_the_same_chunk_i
     assert len({m.user_properties["chunk-id"] for m in delivered}) == 1  # one chunk id, however many copies
     assert agent.stop() == 0
     assert spool_records(agent.state_dir) == []
+
+
+# --- full chunks of file lines (issue 15): delivered from RAM while delivery keeps up ----------------
+
+
+def big_lines(tmp_path: Path, n: int, offset: int, first: int = 0) -> Batch:
+    """`n` lines of 2,000 incompressible-ish bytes: a few make a full chunk and a full RAM hold."""
+    records = [f"line {first + i} ".encode() + os.urandom(1000).hex().encode() for i in range(n)]
+    attrs = {"log.file.path": str(tmp_path / "app.log")}
+    return Batch("files", records, 0, "boot", attrs, (KEY, str(offset)))  # type: ignore[arg-type]
+
+
+def test_full_chunks_of_file_lines_acknowledged_in_time_never_reach_the_file(tmp_path: Path) -> None:
+    """The bulk path (a backlog read at full speed): each full chunk is compressed behind, then held, and
+    the uploader's acknowledgements keep RAM from filling up; only the positions are written."""
+    db = tmp_path / "spool.db"
+
+    async def scenario() -> None:
+        spool = Spool.open(db)
+        b = batcher(spool, chunk_max_records=50)
+        at_start = on_disk(db)[0]
+        for i in range(20):
+            b.add(big_lines(tmp_path, 50, 1000 * (i + 1), first=50 * i))  # a full chunk each
+            await until(lambda: spool.held.count or not b.pending_records, "the chunk compressed behind")
+            await asyncio.sleep(0)
+            assert spool.ack([c.id for c in spool.oldest(10)]) >= 1  # the uploader's round trip
+        assert b.flush()
+        spool.ack([c.id for c in spool.oldest(10)])
+        spool.commit_released()
+        ids, positions, counters = on_disk(db)
+        assert ids == at_start == []
+        assert positions == {KEY: "20000"}
+        assert counters["acked_from_ram_records"] == 1000
+
+    asyncio.run(scenario())
+
+
+def test_sources_pause_while_ram_is_full_of_chunks_on_their_way_and_resume_on_acknowledgement(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> None:
+        spool = Spool.open(tmp_path / "spool.db")
+        b = batcher(spool, chunk_max_records=50)
+        for i in range(20):  # chunks of ~50 KB compressed, until more than HOLD_PAUSE_BYTES are held
+            b.add(big_lines(tmp_path, 50, i + 1, first=50 * i))
+            await until(lambda: not b.pending_records, "compressed behind and held")
+            if not b.accepting:
+                break
+            sent = spool.oldest(10)  # handed to the uploader: in flight
+        assert not b.accepting and spool.held.payload_bytes > holding.HOLD_PAUSE_BYTES
+        waiter = asyncio.ensure_future(b.wait_committing())
+        await asyncio.sleep(0.05)
+        assert not waiter.done()
+        spool.ack([c.id for c in sent])  # the receiver caught up
+        await asyncio.wait_for(waiter, 1)
+        assert b.accepting and on_disk(tmp_path / "spool.db")[0] == []
+
+    asyncio.run(scenario())
+
+
+def test_a_link_that_does_not_acknowledge_in_time_gets_the_chunks_written(tmp_path: Path) -> None:
+    """A stalled broker: the pause ends after PAUSE_MAX, reading goes on, and what does not fit in RAM is
+    written (synced) with everything held, under the ids the uploader already used."""
+    db = tmp_path / "spool.db"
+
+    async def scenario() -> None:
+        spool = Spool.open(db)
+        b = batcher(spool, chunk_max_records=50)
+        sent: list[int] = []
+        for i in range(30):
+            await asyncio.wait_for(b.wait_committing(), holding.PAUSE_MAX + 1)
+            b.add(big_lines(tmp_path, 50, i + 1, first=50 * i))
+            await until(lambda: not b.pending_records, "compressed behind")
+            sent += [c.id for c in spool.oldest(100, max(sent, default=0))]  # sent, never acknowledged
+        assert b.flush()
+        written = on_disk(db)[0]
+        assert written and set(written) <= set(sent)
+        assert spool.held.payload_bytes <= holding.HOLD_MAX_BYTES
+        b.flush(store=True)
+        assert on_disk(db)[0] == sorted(sent)  # nothing read was lost, every id kept
+        assert on_disk(db)[1] == {KEY: "30"}
+
+    asyncio.run(scenario())
+
+
+def test_positions_of_lines_delivered_from_ram_are_written_every_few_mib_not_only_every_30_s(
+    tmp_path: Path,
+) -> None:
+    """After a crash the agent reads again from the last stored position: at full speed 30 s of lines would
+    be millions; RELEASED_POSITIONS_BYTES bounds what is sent twice."""
+    db = tmp_path / "spool.db"
+
+    async def scenario() -> None:
+        spool = Spool.open(db)
+        b = batcher(spool, chunk_max_records=50)
+        i = 0
+        while not on_disk(db)[1] and i < 200:
+            await asyncio.wait_for(b.wait_committing(), 2)
+            b.add(big_lines(tmp_path, 50, i + 1, first=50 * i))
+            await until(lambda: not b.pending_records, "compressed behind")
+            spool.ack([c.id for c in spool.oldest(100)])
+            await asyncio.sleep(0)
+            i += 1
+        delivered_bytes = i * 50 * 2000
+        assert on_disk(db)[1], f"no position written after {delivered_bytes} bytes delivered from RAM"
+        assert delivered_bytes <= holding.RELEASED_POSITIONS_BYTES + 2 * 50 * 2010
+        assert on_disk(db)[0] == []
+
+    asyncio.run(scenario())
+
+
+def test_sigkill_while_a_backlog_is_delivered_from_ram_loses_nothing_and_resends_only_after_the_stored_position(
+    tmp_path: Path, mosquitto: Broker, make_agent: Any, subscribers: list[Subscriber]
+) -> None:
+    """A 12 MB file read at full speed and delivered from RAM (the bulk path), SIGKILL in the middle:
+    every line arrives, and a line arrives twice only if it lies after the position stored at the kill
+    (written every RELEASED_POSITIONS_BYTES of delivered text, so that window is bounded)."""
+    from test_trickle_guarantees import LINE, LINE_BYTES, TOPIC, config, received_lines, stored_offset
+
+    total = 700_000
+    log_file = tmp_path / "app.log"
+    log_file.write_bytes("".join(LINE.format(n) for n in range(total)).encode())
+    sub = Subscriber(mosquitto.port, TOPIC)
+    subscribers.append(sub)
+    agent = make_agent(config(mosquitto.port, log_file))
+    agent.start()
+    wait_for(lambda: len(received_lines(sub)) >= total // 2, 60, what="half the lines delivered")
+    agent.kill()
+    first_unstored = stored_offset(agent.state_dir) // LINE_BYTES
+    assert first_unstored > 0, "no position stored for a backlog delivered from RAM"
+    explained = {n for n in received_lines(sub) if n >= first_unstored}
+    agent.start()
+    wait_for(lambda: set(received_lines(sub)) == set(range(total)), 90, what="every line delivered")
+    assert agent.stop() == 0
+    counts = Counter(received_lines(sub))
+    duplicated = {n for n, c in counts.items() if c > 1}
+    assert duplicated <= explained, sorted(duplicated - explained)[:20]
+    assert max(counts.values()) <= 2
+    spool = Spool.open(agent.state_dir / "spool.db")
+    assert spool.counters().get("acked_from_ram_chunks", 0) > 0  # the RAM path was taken
+    spool.close()

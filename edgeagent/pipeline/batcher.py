@@ -133,11 +133,14 @@ class Batcher:
 
     @property
     def accepting(self) -> bool:
-        """Whether sources may read more: False while commits fail."""
-        return self._committing.is_set()
+        """Whether sources may read more: False while commits fail, and while
+        RAM is nearly full of file lines on their way to the receiver
+        (`RamHold.open`: the file keeps what is not read yet)."""
+        return self._committing.is_set() and self._hold.open.is_set()
 
     async def wait_committing(self) -> None:
         await self._committing.wait()
+        await self._hold.open.wait()
 
     def count(self, counters: dict[str, int]) -> None:
         """Counters persisted with the next commit."""
@@ -208,7 +211,16 @@ class Batcher:
         state = self.clock.state()
         requests = [self._encode(boot, batches, state) for boot, batches in self._chunk_groups()]
         future = self._background.submit([chunk.payload for chunk in requests])
-        self._behind = _Behind(future, requests, self._pending, self._positions, self._counters, state, self._records)
+        self._behind = _Behind(
+            future,
+            requests,
+            self._pending,
+            self._positions,
+            self._counters,
+            state,
+            self._records,
+            holdable=self._urgent_since is None and not self._never_hold,
+        )
         self._pending, self._positions, self._counters, self._records, self._bytes = [], {}, {}, 0, 0
         self._urgent_since, self._never_hold = None, False  # what it had is written, synced
         future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._on_compressed))
@@ -219,15 +231,19 @@ class Batcher:
 
     def _commit_behind(self, wait: bool = False) -> bool:
         """Commit the flush compressing behind, if any and done (or waiting for
-        it). When the commit fails, its batches, positions and counters go back
-        in front of what is pending: nothing is lost, the retry re-encodes."""
+        it), or hold it in RAM (only file lines, while delivery keeps up). When
+        the commit fails, its batches, positions and counters go back in front
+        of what is pending: nothing is lost, the retry re-encodes."""
         behind = self._behind
         if behind is None or (not wait and not behind.future.done()):
             return True
         self._behind = None
         payloads = behind.future.result()
         chunks = [dataclasses.replace(c, payload=p) for c, p in zip(behind.chunks, payloads, strict=True)]
-        if self._commit(chunks, behind.positions, behind.counters, behind.state, behind=True):
+        holdable = behind.holdable
+        if self._commit(
+            chunks, behind.positions, behind.counters, behind.state, may_hold=holdable, behind=True, replayable=holdable
+        ):
             return True
         self._pending = behind.batches + self._pending
         self._positions = {**behind.positions, **self._positions}
@@ -255,19 +271,24 @@ class Batcher:
         state: ClockState,
         may_hold: bool = False,
         behind: bool = False,
+        replayable: bool | None = None,
     ) -> bool:
         """Store `chunks` with `positions` and `counters` in one transaction, or
-        hold them in RAM (`may_hold`: a flush by age, see `edgeagent.holding`;
-        full chunks compressed `behind` are always written, synced). On success
-        what was pending is cleared if these were its positions."""
+        hold them in RAM (`may_hold`: a flush by age, or a full chunk of file
+        lines compressed `behind`; see `edgeagent.holding`). Other full chunks
+        are written, synced. `replayable`: the chunks hold only file lines
+        (default: judged from what is pending). On success what was pending is
+        cleared if these were its positions."""
         boot = None
         if self._boot_state is None or (
             state.synced != self._boot_state.synced or abs(state.offset_ns - self._boot_state.offset_ns) > Clock.JUMP_NS
         ):
             boot = (self.boot_id, state.offset_ns, state.synced)
-        replayable = self._urgent_since is None
+        if replayable is None:
+            replayable = self._urgent_since is None
         try:
-            must_write = self._never_hold or counters or boot or None in positions.values()
+            never_hold = self._never_hold and not behind  # a behind flush's kind is in `replayable`
+            must_write = never_hold or counters or boot or None in positions.values()
             if may_hold and self.on_commit is not None and self._hold.may_hold(chunks, replayable, bool(must_write)):
                 self._hold.hold(chunks, positions, replayable, self._urgent_since)
                 evictions = []
@@ -400,6 +421,7 @@ class _Behind:
     counters: dict[str, int]
     state: ClockState
     records: int
+    holdable: bool  # only file lines, and `hold_file_lines` is not "0s"
 
 
 def _body_len(record: Record | bytes) -> int:
@@ -412,7 +434,8 @@ def _body_len(record: Record | bytes) -> int:
 def _split_batch(batch: Batch, max_records: int, max_bytes: int) -> list[Batch]:
     """`batch` cut into parts within the chunk limits (a record is never cut; one larger than
     `max_bytes` is a part of its own). The cut points are found by bisecting the running byte
-    total, not by a Python step per record (a file's 512 KiB read is 4,000 lines cut in two)."""
+    total, not by a Python step per record (a burst of kernel records, or a file's block when
+    `chunk_max_bytes` is below the read size)."""
     if len(batch.records) <= max_records and batch.body_bytes() <= max_bytes:
         return [batch]
     records = batch.records

@@ -19,7 +19,8 @@ one order and an acknowledgement finds its chunk wherever it is.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -35,6 +36,7 @@ class HeldEntry:
     deadline: float  # time.monotonic(): written by then unless acknowledged
     durable: bool  # its write is synced (records a crash or power cut could not bring back)
     acked: bool = False
+    sent: bool = False  # handed to the uploader: an acknowledgement may come
 
 
 @dataclass
@@ -46,6 +48,8 @@ class HeldChunks:
     acked_chunks: int = 0  # delivered from RAM since the last write (counters)
     acked_records: int = 0
     acked_raw_bytes: int = 0
+    on_ack: Callable[[], None] | None = None  # called after every `ack` (the RAM hold's policy listens)
+    last_ack: float = 0.0  # time.monotonic() of the last acknowledgement, of a held or a stored chunk
 
     def add(self, entry: HeldEntry) -> None:
         self.entries.append(entry)
@@ -69,13 +73,24 @@ class HeldChunks:
         return any(e.chunk.id == chunk_id and not e.acked for e in self.entries)
 
     def oldest(self, n: int, after_id: int) -> list[StoredChunk]:
-        return [e.chunk for e in self.entries if not e.acked and e.chunk.id > after_id][:n]
+        """The first `n` unacknowledged chunks after `after_id`, marked as handed out."""
+        entries = [e for e in self.entries if not e.acked and e.chunk.id > after_id][:n]
+        for e in entries:
+            e.sent = True
+        return [e.chunk for e in entries]
+
+    @property
+    def in_flight(self) -> bool:
+        """Whether a held chunk was handed to the uploader and not acknowledged yet."""
+        return any(e.sent and not e.acked for e in self.entries)
 
     def ack(self, ids: Iterable[int]) -> set[int]:
         """Mark held chunks acknowledged (returns their ids); an acknowledged
         prefix releases its positions."""
         wanted = set(ids)
         done: set[int] = set()
+        if wanted:
+            self.last_ack = time.monotonic()
         for e in self.entries:
             if e.chunk.id in wanted and not e.acked:
                 e.acked = True
@@ -85,6 +100,8 @@ class HeldChunks:
                 self.acked_raw_bytes += e.chunk.raw_bytes
         while self.entries and self.entries[0].acked:
             self.released.update(self.entries.pop(0).positions)
+        if wanted and self.on_ack is not None:
+            self.on_ack()
         return done
 
     def positions(self) -> dict[str, str | None]:
