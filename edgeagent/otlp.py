@@ -113,6 +113,7 @@ class ChunkEncoder:
         # Encoded attribute fields of values that repeat record after record
         # (facility names, levels, flags): most of a kernel record's encoding cost.
         self._attribute_fields: dict[tuple[str, type, AttrValue], bytes] = {}
+        self._line_framing: dict[int, _LineFraming] = {}  # by the length of the common fields
 
     def _scope(self, source: str, attributes: bytes) -> bytes:
         """The ScopeLogs' `scope` field: name, version and the batches' common attributes."""
@@ -133,27 +134,32 @@ class ChunkEncoder:
         synced, records carry `edgeagent.clock=unsynced`.
         """
         marker = b"" if clock_synced else _len_field(b"\x32", encode_key_value(CLOCK_ATTRIBUTE, CLOCK_UNSYNCED))
-        by_scope: dict[tuple[str, bytes], list[bytes]] = {}
+        by_scope: dict[tuple[str, bytes], tuple[list[bytes], list[int]]] = {}
         for batch in batches:
             if not batch.records:
                 continue
-            parts = by_scope.setdefault((batch.source, encode_attributes(batch.attributes, b"\x1a")), [])
+            parts, size = by_scope.setdefault((batch.source, encode_attributes(batch.attributes, b"\x1a")), ([], [0]))
             common = b"\x59" + _pack_q(max(0, batch.observed_mono_ns + clock_offset_ns)) + marker
             first = batch.records[0]
             if isinstance(first, bytes):
-                _encode_lines(batch.records, common, parts)  # type: ignore[arg-type]
+                framing = self._line_framing.get(len(common))
+                if framing is None:
+                    framing = self._line_framing[len(common)] = _LineFraming(len(common))
+                size[0] += framing.encode(batch.records, common, parts)  # type: ignore[arg-type]
             else:
                 for record in batch.records:
                     if isinstance(record, bytes):
                         record = Record(record)
-                    parts.append(_len_field(b"\x12", self._encode_record(record, common, clock_offset_ns)))
+                    field = _len_field(b"\x12", self._encode_record(record, common, clock_offset_ns))
+                    parts.append(field)
+                    size[0] += len(field)
         # One join at the end: the chunk's bytes are copied once, not once per
-        # level of nesting. Lengths are summed from the parts instead.
+        # level of nesting. Lengths are summed as the parts are made.
         out = [b"\x0a", b"", self._resource_field]
         total = len(self._resource_field)
-        for (source, attributes), parts in by_scope.items():
+        for (source, attributes), (parts, size) in by_scope.items():
             scope = self._scope(source, attributes)
-            scope_logs_len = len(scope) + sum(map(len, parts))
+            scope_logs_len = len(scope) + size[0]
             head = b"\x12" + _v(scope_logs_len)
             out += (head, scope)
             out += parts
@@ -189,25 +195,52 @@ class ChunkEncoder:
         return b"".join(parts)
 
 
-def _encode_lines(lines: list[bytes], common: bytes, out: list[bytes]) -> None:
-    """The bulk path: records differing only by their body text.
+class _LineFraming:
+    """The bulk path: records differing only by their body text, for one length
+    of the common fields (observed time, clock marker).
 
-    Every line of the same length shares one header (record tag and length,
-    the common fields, the body tags). Headers are looked up and interleaved
-    with the lines by C-level map and slice assignment: no Python bytecode
-    runs per line.
+    Each record is [tag + length, common fields, body tags + lengths, line]:
+    the first and third depend only on the line's length and are made once per
+    length the agent meets (kept across chunks, at most `MAX_LENGTHS`), then
+    looked up and interleaved with the lines by C-level map and slice
+    assignment: no Python bytecode runs per line, and only lengths never seen
+    before cost a Python step.
     """
-    lengths = list(map(len, lines))
-    common_len = len(common)
-    headers: dict[int, bytes] = {}
-    for n in set(lengths):
-        any_len = 1 + len(_v(n)) + n
-        record_len = common_len + 1 + len(_v(any_len)) + any_len
-        headers[n] = b"".join((b"\x12", _v(record_len), common, b"\x2a", _v(any_len), b"\x0a", _v(n)))
-    pairs: list[bytes] = [b""] * (2 * len(lines))
-    pairs[0::2] = map(headers.__getitem__, lengths)  # type: ignore[call-overload]
-    pairs[1::2] = lines
-    out += pairs
+
+    MAX_LENGTHS = 2048  # distinct line lengths remembered (about 0.5 MiB at most)
+
+    def __init__(self, common_len: int) -> None:
+        self.common_len = common_len
+        self.heads: dict[int, bytes] = {}  # length -> record tag and length
+        self.tails: dict[int, bytes] = {}  # length -> body tags and lengths
+        self.sizes: dict[int, int] = {}  # length -> the whole record field's size
+
+    def encode(self, lines: list[bytes], common: bytes, out: list[bytes]) -> int:
+        """Append the record fields of `lines` to `out`; returns their size in bytes."""
+        lengths = list(map(len, lines))
+        new = set(lengths).difference(self.sizes)
+        if new:
+            self._learn(new)
+        count = len(lines)
+        fields: list[bytes] = [common] * (4 * count)
+        fields[0::4] = map(self.heads.__getitem__, lengths)  # type: ignore[call-overload]
+        fields[2::4] = map(self.tails.__getitem__, lengths)  # type: ignore[call-overload]
+        fields[3::4] = lines
+        out += fields
+        return sum(map(self.sizes.__getitem__, lengths))
+
+    def _learn(self, lengths: set[int]) -> None:
+        if len(self.sizes) + len(lengths) > self.MAX_LENGTHS:
+            self.heads.clear()
+            self.tails.clear()
+            self.sizes.clear()
+        for n in lengths:
+            any_len = 1 + len(_v(n)) + n
+            tail = b"\x2a" + _v(any_len) + b"\x0a" + _v(n)
+            head = b"\x12" + _v(self.common_len + len(tail) + n)
+            self.heads[n] = head
+            self.tails[n] = tail
+            self.sizes[n] = len(head) + self.common_len + len(tail) + n
 
 
 # --- decoding -----------------------------------------------------------------
