@@ -532,3 +532,21 @@ def test_an_exception_in_a_callback_rebuilds_the_connection(
     h.add_lines(0, 1000, 1000)
     wait_for(lambda: h.backlog()["chunks"] == 0, what="delivered after the rebuilt connection")
     assert ExplodingOnce.exploded and h.status()["connections"] >= 2
+
+
+@pytest.mark.parametrize("chunk_id", ["", "0123456789abcdef" * 2, "é" * 90])
+def test_packed_publish_properties_are_the_bytes_paho_would_pack(chunk_id: str) -> None:
+    """The uploader packs its PUBLISH properties itself (paho's attribute machinery was a tenth of its CPU):
+    byte for byte what paho packs, including a properties length over 127 bytes (two-byte length)."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    from edgeagent.mqtt.client import packed_publish_properties
+
+    by_paho = Properties(PacketTypes.PUBLISH)
+    by_paho.ContentType = "application/x-protobuf"
+    by_paho.UserProperty = ("content-encoding", "zstd")
+    by_paho.UserProperty = ("chunk-id", chunk_id)
+    ours = packed_publish_properties("application/x-protobuf", [("content-encoding", "zstd"), ("chunk-id", chunk_id)])
+    assert ours.pack() == by_paho.pack()
+    assert isinstance(ours, Properties)  # what paho's publish() requires

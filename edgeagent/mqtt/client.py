@@ -291,6 +291,41 @@ def publish_properties(values: dict[str, Any] | None) -> Properties | None:
     return properties
 
 
+class PackedProperties(Properties):
+    """PUBLISH properties we packed ourselves: paho only calls `pack()` on those
+    of an outgoing PUBLISH (and again when it resends it), while building them
+    through `Properties`' attribute checks cost about 0.2 ms per message, a
+    tenth of the uploader's CPU at full speed."""
+
+    packed: bytes
+
+    def __init__(self, packed: bytes) -> None:
+        super().__init__(PacketTypes.PUBLISH)
+        object.__setattr__(self, "packed", packed)  # `Properties.__setattr__` takes only MQTT property names
+
+    def pack(self) -> bytes:
+        return self.packed
+
+
+def packed_publish_properties(content_type: str, user_properties: list[tuple[str, str]]) -> PackedProperties:
+    """Content type and user properties as MQTT 5 encodes them (section 2.2.2): each property is its
+    identifier (0x03 content type, 0x26 user property) and UTF-8 strings with a two-byte length; the
+    whole is preceded by its length as a variable byte integer."""
+
+    def utf8(text: str) -> bytes:
+        raw = text.encode()
+        return len(raw).to_bytes(2, "big") + raw
+
+    body = b"\x03" + utf8(content_type) + b"".join(b"\x26" + utf8(k) + utf8(v) for k, v in user_properties)
+    length = bytearray()
+    n = len(body)
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        length.append(byte | (0x80 if n else 0))
+        if not n:
+            return PackedProperties(bytes(length) + body)
+
+
 def publish_size(topic: str, payload: bytes, properties: Properties | None) -> int:
     """Bytes of a QoS 1 PUBLISH on the wire, at most: fixed header (1) + longest
     remaining length (4) + topic length (2) + packet id (2) + properties (with

@@ -23,7 +23,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edgeagent import codec
@@ -240,11 +239,9 @@ class MqttUploader:
         return True
 
     def _properties(self, chunk: StoredChunk) -> Properties:
-        properties = Properties(PacketTypes.PUBLISH)
-        properties.ContentType = CONTENT_TYPE
-        properties.UserProperty = ("content-encoding", codec.PAYLOAD_ENCODING)
-        properties.UserProperty = ("chunk-id", chunk.chunk_id)
-        return properties
+        return mqttc.packed_publish_properties(
+            CONTENT_TYPE, [("content-encoding", codec.PAYLOAD_ENCODING), ("chunk-id", chunk.chunk_id)]
+        )
 
     def _settle(self) -> None:
         """Act on the PUBACKs (and lost connections) the session reported."""
