@@ -553,7 +553,7 @@ class _Heap:
     neither call and need neither: they return memory eagerly; there
     `libc.so.6` does not exist and nothing is changed).
 
-    - Fixed thresholds: buffers up to 4 MiB (a 512 KiB read, a chunk being
+    - Fixed thresholds: buffers up to 4 MiB (a 256 KiB read, a chunk being
       encoded, its compressed copy) come from the heap and their pages are
       reused from one chunk to the next, and the heap's top is returned to the
       kernel only beyond 8 MiB free. glibc's defaults move both thresholds

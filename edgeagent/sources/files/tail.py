@@ -39,7 +39,8 @@ if TYPE_CHECKING:
 
     from edgeagent.sources.files.discovery import Group
 
-BLOCK_SIZE = 512 * 1024  # bytes read per system call; lines are split a block at a time
+BLOCK_SIZE = 256 * 1024  # bytes read per system call; lines are split a block at a time. The size
+# of a chunk (`[spool].chunk_max_bytes` by default): a block's lines make one chunk, the batcher cuts nothing
 
 
 class Tailer:
