@@ -479,6 +479,11 @@ class Spool(SpoolState):
         """Up to `n` chunks with id > `after_id`, oldest first. The statement is
         finished before returning, so no read transaction stays open while
         the caller works on the network (it would block checkpoints)."""
+        if self._chunk_count == 0 and self.journal != "readonly":
+            # Nothing in the file (the count follows every write of this
+            # process; a reader's may be stale): a backlog delivered from RAM
+            # asks for chunks hundreds of times a second.
+            return self._held.oldest(n, after_id)
         query = f"SELECT {_CHUNK_COLUMNS} FROM chunks WHERE id > ? ORDER BY id LIMIT ?"
         try:
             rows = self._conn.execute(query, (after_id, n)).fetchall()
