@@ -14,6 +14,8 @@ Subjects (all read the corpus file from the beginning; the goal is every line de
   saw the last line and the spool holds no chunk.
 - `edgeagent-otlp`: the same agent with `upload.to = "otlp_http"` (zstd) to the harness's OTLP/HTTP sink;
   goal: the sink received the last line and the spool holds no chunk.
+- `edgeagent-mqtt-spooled`: edgeagent-mqtt with `[spool] hold_file_lines = "0s"`: every chunk is written to
+  the spool, synced, and read back before it is sent (no delivery from RAM), as a link that does not keep up.
 - `before-mqtt`, `before-otlp`: the same two with the agent's code at `--before REV` (a `git archive` of that
   revision under OUT/before-REV, run from there with the same venv), when `--before` is given.
 - `reference`: `references.py sqlite` (read + split + zstd-3 in agent-sized chunks + SQLite WAL FULL, one
@@ -72,7 +74,15 @@ from sources_bench import DISTURBED_OTHERS_PCT, DISTURBED_STEAL_PCT, harness_cpu
 FLUENT_BIT = Path("/work/peers/fluent-bit-build/bin/fluent-bit")
 QUIET_BUSY_PCT = 12.5  # a quarter of one of the two CPUs
 QUIET_S = 3.0
-SUBJECTS = ("edgeagent-mqtt", "edgeagent-otlp", "before-mqtt", "before-otlp", "reference", "fluent-bit")
+SUBJECTS = (
+    "edgeagent-mqtt",
+    "edgeagent-otlp",
+    "edgeagent-mqtt-spooled",
+    "before-mqtt",
+    "before-otlp",
+    "reference",
+    "fluent-bit",
+)
 
 
 # --- a quiet machine ------------------------------------------------------------------
@@ -306,7 +316,7 @@ def _until_delivered(
         peek.close()
 
 
-def agent_mqtt(w: Work, code: Path, name: str) -> dict[str, Any]:
+def agent_mqtt(w: Work, code: Path, name: str, spool_keys: str = "") -> dict[str, Any]:
     work = run_dir(f"compare-{name}")
     broker = Broker(work / "broker")
     broker.start()
@@ -314,7 +324,8 @@ def agent_mqtt(w: Work, code: Path, name: str) -> dict[str, Any]:
     proxy = CountingProxy(broker.port)
     sub = Subscriber(broker.port, TOPIC, needle=w.last_line)
     window = Window(broker.proc.pid)
-    agent, state_dir = _start(work, files_mqtt_config(w.corpus, proxy.port), code)
+    config = files_mqtt_config(w.corpus, proxy.port).replace("[spool]\n", "[spool]\n" + spool_keys)
+    agent, state_dir = _start(work, config, code)
     try:
         wall, machine = _until_delivered(w, agent, state_dir, sub.found, window)
     finally:
@@ -454,6 +465,8 @@ def _figures(
     }
 
 
+SPOOL_EVERY_CHUNK = 'hold_file_lines = "0s"\n'  # a key of the config's [spool] table
+
 # --- the interleaved rounds -----------------------------------------------------------
 
 
@@ -462,6 +475,8 @@ def subjects(before: str | None, fluent_bit_binary: Path) -> dict[str, Any]:
     chosen: dict[str, Any] = {
         "edgeagent-mqtt": lambda w: agent_mqtt(w, REPO, "edgeagent-mqtt"),
         "edgeagent-otlp": lambda w: agent_otlp(w, REPO, "edgeagent-otlp"),
+        # Every chunk written to the spool, synced, before it is sent (the path of a link that does not keep up).
+        "edgeagent-mqtt-spooled": lambda w: agent_mqtt(w, REPO, "edgeagent-mqtt-spooled", SPOOL_EVERY_CHUNK),
     }
     if before:
         tree = before_tree(before)
