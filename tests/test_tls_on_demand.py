@@ -186,6 +186,20 @@ def test_fleet_config_turning_on_mqtts_is_proven_after_the_restart(
     wait_for(lambda: arrived(logs, "after the fleet config"), what="the line over mqtts://")
     assert agent.stop() == 0
 
+    # A fresh start (a reboot, a service restart: no EDGEAGENT_TLS) with that layer in effect: the
+    # local file says mqtt://, so TLS is kept out at first; the effective config restarts it with TLS.
+    agent.start()
+    wait_for(lambda: agent.status().get("uploader", {}).get("connected"), 30, what="connected again")
+    status = agent.status()
+    assert status["uploader"]["broker"] == url and status["fleet"]["state"] == "applied"
+    assert agent.stderr().count("restarting with TLS loaded") == 2  # the apply's, and this start's
+    assert agent.stderr().split("restarting with TLS loaded")[-1].count("started: device") == 1
+    assert set(openssl_mapped(agent)) >= {"libssl.so", "_ssl."}
+    with log.open("a") as f:
+        f.write("after a fresh start\n")
+    wait_for(lambda: arrived(logs, "after a fresh start"), what="the line over mqtts:// after a fresh start")
+    assert agent.stop() == 0
+
 
 def test_without_tls_hashes_and_paho_socket_errors_work() -> None:
     """In a process where TLS is kept out: hashlib's built-in sha256 gives the same digests, and a
