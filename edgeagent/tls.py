@@ -24,6 +24,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
@@ -94,17 +95,20 @@ async def check_elsewhere(config: Config) -> str:
     import tomli_w
 
     path = config.state_dir / f".tls-check-{os.getpid()}.toml"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # secrets in it: the agent's user only
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(tomli_w.dumps(config.to_dict(redact=False)))
     command = [sys.executable, "-m", "edgeagent", "check-config", "-c", str(path)]
     try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # secrets in it: the agent's user only
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(tomli_w.dumps(config.to_dict(redact=False)))
         process = await asyncio.create_subprocess_exec(
             *command, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env={**os.environ, ENV: "1"}
         )
         _, err = await process.communicate()
+    except OSError as e:  # a full or read-only state dir: the running config stays
+        return f"cannot check the new config with TLS loaded ({e}); keeping the running one"
     finally:
-        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
     if process.returncode == 0:
         return ""
     text = err.decode(errors="replace").strip().removeprefix("edgeagent: error: ")
