@@ -120,6 +120,22 @@ def test_no_openssl_without_tls_and_sighup_to_mqtts_restarts_with_it(
     assert agent.stop() == 0
 
 
+def refused_reload_to_mqtts(
+    agent: AgentProcess, broker: Broker, log: Path, mqtt: str, before_reload: Callable[[], object] = lambda: None
+) -> str:
+    """Start `agent` on mqtt://, reload it to `mqtt` (an mqtts:// section) and return the refusal
+    logged; checks that nothing restarted and that it still runs without TLS on the old broker."""
+    agent.start()
+    before_reload()
+    agent.config_path.write_text(agent_config(log, mqtt).replace("{state_dir}", str(agent.state_dir)))
+    agent.signal(signal.SIGHUP)
+    wait_for(lambda: "reload refused" in agent.stderr(), what="the refused reload")
+    assert "restarting" not in agent.stderr() and openssl_mapped(agent) == []
+    assert agent.status()["uploader"]["broker"] == broker.url
+    assert agent.stop() == 0
+    return next(line for line in agent.stderr().splitlines() if "reload refused" in line)
+
+
 def test_reload_to_mqtts_with_an_unusable_ca_is_refused_before_any_restart(
     tmp_path: Path, tls_broker: tuple[Broker, int], make_agent: Any
 ) -> None:
@@ -128,22 +144,32 @@ def test_reload_to_mqtts_with_an_unusable_ca_is_refused_before_any_restart(
     broker, tls_port = tls_broker
     log = tmp_path / "app.log"
     log.touch()
-    agent = make_agent(agent_config(log, f'url = "{broker.url}"'))
-    agent.start()
-    assert agent.proc is not None
     bad_ca = tmp_path / "not-a-ca.pem"
     bad_ca.write_text("not a certificate\n")
-    text = agent_config(log, f'url = "mqtts://127.0.0.1:{tls_port}"\nca_file = "{bad_ca}"')
-    agent.config_path.write_text(text.replace("{state_dir}", str(agent.state_dir)))
-    agent.signal(signal.SIGHUP)
-    wait_for(lambda: "reload refused" in agent.stderr(), what="the refused reload")
-    refusal = next(line for line in agent.stderr().splitlines() if "reload refused" in line)
+    agent = make_agent(agent_config(log, f'url = "{broker.url}"'))
+    refusal = refused_reload_to_mqtts(agent, broker, log, f'url = "mqtts://127.0.0.1:{tls_port}"\nca_file = "{bad_ca}"')
     line = agent.config_path.read_text().splitlines().index(f'ca_file = "{bad_ca}"') + 1
     assert f"{agent.config_path}:{line}: mqtt.ca_file = '{bad_ca}'" in refusal, refusal  # the file's line
-    assert "restarting" not in agent.stderr() and openssl_mapped(agent) == []
-    assert agent.status()["uploader"]["broker"] == broker.url
     assert not list(agent.state_dir.glob(".tls-check-*"))  # the copy with the secrets is gone
-    assert agent.stop() == 0
+
+
+def test_reload_to_mqtts_that_cannot_be_checked_is_refused(
+    tmp_path: Path, tls_broker: tuple[Broker, int], pki: Pki, make_agent: Any
+) -> None:
+    """The copy checked with TLS cannot be written (here a directory is in its way, as a full or
+    read-only state dir would do): the reload is refused, the agent runs on without TLS."""
+    broker, tls_port = tls_broker
+    log = tmp_path / "app.log"
+    log.touch()
+    agent = make_agent(agent_config(log, f'url = "{broker.url}"'))
+
+    def block_the_copy() -> None:
+        assert agent.proc is not None
+        (agent.state_dir / f".tls-check-{agent.proc.pid}.toml").mkdir()
+
+    mqtts = f'url = "mqtts://127.0.0.1:{tls_port}"\nca_file = "{pki.ca_cert}"'
+    refusal = refused_reload_to_mqtts(agent, broker, log, mqtts, block_the_copy)
+    assert "cannot check the new config with TLS loaded" in refusal, refusal
 
 
 def test_fleet_config_turning_on_mqtts_is_proven_after_the_restart(
