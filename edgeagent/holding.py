@@ -71,7 +71,7 @@ class RamHold:
         self._store = store
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._released_timer: asyncio.Handle | None = None
-        self.open = asyncio.Event()  # sources may read; cleared by `_gate` (the batcher's `accepting`)
+        self.open = asyncio.Event()  # file sources may read; cleared by `_gate` (`Batcher.wait_ram_room`)
         self.open.set()
         self._pause_timer: asyncio.TimerHandle | None = None
         self._gate_soon: asyncio.Handle | None = None
@@ -124,7 +124,7 @@ class RamHold:
         self._gate()
 
     def _gate(self) -> None:
-        """Pause the sources while more than `HOLD_PAUSE_BYTES` of held chunks
+        """Pause the file sources while more than `HOLD_PAUSE_BYTES` of held chunks
         are on their way to the receiver (some in flight, or acknowledgements
         came just now), for at most `PAUSE_MAX`: delivery that keeps up paces
         the reading, the file keeps what is not read yet, and nothing more

@@ -266,25 +266,32 @@ def test_full_chunks_of_file_lines_acknowledged_in_time_never_reach_the_file(tmp
     asyncio.run(scenario())
 
 
-def test_sources_pause_while_ram_is_full_of_chunks_on_their_way_and_resume_on_acknowledgement(
+def test_file_sources_pause_while_ram_is_full_of_chunks_on_their_way_and_resume_on_acknowledgement(
     tmp_path: Path,
 ) -> None:
+    """Only file sources wait for room (their files keep what is not read yet): `accepting`, which syslog and
+    kmsg read, stays True — a syslog socket drops what arrives while it is False."""
+
     async def scenario() -> None:
         spool = Spool.open(tmp_path / "spool.db")
         b = batcher(spool, chunk_max_records=50)
+        waiter = None
         for i in range(20):  # chunks of ~50 KB compressed, until more than HOLD_PAUSE_BYTES are held
             b.add(big_lines(tmp_path, 50, i + 1, first=50 * i))
             await until(lambda: not b.pending_records, "compressed behind and held")
-            if not b.accepting:
+            waiter = asyncio.ensure_future(b.wait_ram_room())
+            await asyncio.sleep(0)
+            if not waiter.done():
                 break
             sent = spool.oldest(10)  # handed to the uploader: in flight
-        assert not b.accepting and spool.held.payload_bytes > holding.HOLD_PAUSE_BYTES
-        waiter = asyncio.ensure_future(b.wait_committing())
+        assert waiter is not None and not waiter.done()
+        assert spool.held.payload_bytes > holding.HOLD_PAUSE_BYTES
+        assert b.accepting  # syslog and kmsg read on
         await asyncio.sleep(0.05)
         assert not waiter.done()
         spool.ack([c.id for c in sent])  # the receiver caught up
         await asyncio.wait_for(waiter, 1)
-        assert b.accepting and on_disk(tmp_path / "spool.db")[0] == []
+        assert on_disk(tmp_path / "spool.db")[0] == []
 
     asyncio.run(scenario())
 
@@ -299,7 +306,7 @@ def test_a_link_that_does_not_acknowledge_in_time_gets_the_chunks_written(tmp_pa
         b = batcher(spool, chunk_max_records=50)
         sent: list[int] = []
         for i in range(30):
-            await asyncio.wait_for(b.wait_committing(), holding.PAUSE_MAX + 1)
+            await asyncio.wait_for(b.wait_ram_room(), holding.PAUSE_MAX + 1)
             b.add(big_lines(tmp_path, 50, i + 1, first=50 * i))
             await until(lambda: not b.pending_records, "compressed behind")
             sent += [c.id for c in spool.oldest(100, max(sent, default=0))]  # sent, never acknowledged
@@ -326,7 +333,7 @@ def test_positions_of_lines_delivered_from_ram_are_written_every_few_mib_not_onl
         b = batcher(spool, chunk_max_records=50)
         i = 0
         while not on_disk(db)[1] and i < 200:
-            await asyncio.wait_for(b.wait_committing(), 2)
+            await asyncio.wait_for(b.wait_ram_room(), 2)
             b.add(big_lines(tmp_path, 50, i + 1, first=50 * i))
             await until(lambda: not b.pending_records, "compressed behind")
             spool.ack([c.id for c in spool.oldest(100)])

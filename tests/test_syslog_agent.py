@@ -9,6 +9,7 @@ import os
 import shutil
 import socket
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -353,3 +354,59 @@ socket_group = "nogroup"
     run_logger("-u", str(stream), "-T", "-t", "ok", "still working")
     wait_for(lambda: [r["body"] for r in syslog_records(agent.state_dir)] == ["still working"], 30, what="the record")
     assert agent.stop() == 0
+
+
+def test_udp_syslog_loses_nothing_while_a_file_backlog_is_delivered_from_ram(
+    make_agent: Any, mosquitto: Any, tmp_path: Path
+) -> None:
+    """Datagrams arriving while a file backlog goes through RAM to a real mosquitto: every one arrives, none
+    is counted dropped. (The RAM tier pauses only file sources; a syslog socket drops what it reads while the
+    spool is not `accepting`: tests/test_holding.py checks that a full RAM tier leaves `accepting` True.)"""
+    udp = free_port()
+    topic = "edgeagent/syslog-test/logs"
+    backlog = tmp_path / "backlog.log"
+    backlog.write_bytes(b"".join(b"backlog %08d %s\n" % (n, b"y" * 100) for n in range(400_000)))
+    agent = make_agent(
+        BASE
+        + f"""
+[[files]]
+include = ["{backlog}"]
+start_at = "beginning"
+[upload]
+to = "mqtt"
+[mqtt]
+url = "{mosquitto.url}"
+first_connect_delay = "0s"
+[[syslog]]
+listen = "udp://127.0.0.1:{udp}"
+"""
+    )
+    logs = Subscriber(mosquitto.port, topic)
+    start_listening(agent)
+
+    def seen() -> tuple[set[int], int]:
+        udp_numbers, backlog_lines = set(), 0
+        for message in logs.received():
+            for body in bodies(message.payload):
+                parts = body.split()
+                if len(parts) >= 2 and parts[0] == "udp":
+                    udp_numbers.add(int(parts[1]))
+                elif parts and parts[0] == "backlog":
+                    backlog_lines += 1
+        return udp_numbers, backlog_lines
+
+    sent = 0
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:  # a datagram every 10 ms for as long as the backlog is being delivered (most chunks hold only lines)
+        deadline = time.monotonic() + 120
+        while seen()[1] < 400_000 and time.monotonic() < deadline:
+            for _ in range(10):
+                sender.sendto(f"<14>udp {sent} during the backlog".encode(), ("127.0.0.1", udp))
+                sent += 1
+                time.sleep(0.01)
+    finally:
+        sender.close()
+    wait_for(lambda: len(seen()[0]) + counters(agent).get("syslog_dropped", 0) >= sent, 60)
+    assert counters(agent).get("syslog_dropped", 0) == 0
+    assert seen()[0] == set(range(sent))
+    assert counters(agent).get("acked_from_ram_chunks", 0) > 0  # the backlog took the RAM path

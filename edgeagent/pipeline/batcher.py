@@ -133,13 +133,17 @@ class Batcher:
 
     @property
     def accepting(self) -> bool:
-        """Whether sources may read more: False while commits fail, and while
-        RAM is nearly full of file lines on their way to the receiver
-        (`RamHold.open`: the file keeps what is not read yet)."""
-        return self._committing.is_set() and self._hold.open.is_set()
+        """Whether sources may read more: False while commits fail."""
+        return self._committing.is_set()
 
     async def wait_committing(self) -> None:
         await self._committing.wait()
+
+    async def wait_ram_room(self) -> None:
+        """Return once RAM is not nearly full of file lines on their way to the
+        receiver (`RamHold.open`; at most `PAUSE_MAX`). Only for sources whose
+        input keeps what is not read yet: a syslog socket or the kernel's ring
+        buffer would drop what waits."""
         await self._hold.open.wait()
 
     def count(self, counters: dict[str, int]) -> None:

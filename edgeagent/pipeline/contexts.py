@@ -80,6 +80,13 @@ class SourceContext:
         """Return once the spool accepts commits (at once when it does)."""
         await self._batcher.wait_committing()
 
+    async def wait_ram_room(self) -> None:
+        """For sources whose input keeps what is not read yet (files): also wait
+        while RAM is nearly full of their chunks on the way to the receiver, at
+        most half a second (`edgeagent.holding`), so a link that keeps up paces
+        the reading instead of the chunks going to flash."""
+        await self._batcher.wait_ram_room()
+
     def pause_reader(self, fd: int, callback: Callable[[], None], still_wanted: Callable[[], bool]) -> None:
         """For sources that read in loop reader callbacks: stop watching `fd`
         until the spool accepts commits, then watch it again with `callback`

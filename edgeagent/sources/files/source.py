@@ -107,7 +107,9 @@ class FileSource(Positions, Discovery, Identity, Tailing):
             tailers = list(self._dirty)
             self._dirty.clear()
             for t in tailers:
-                await self._require_ctx().wait_writable()  # the spool cannot commit: read nothing more until it can
+                ctx = self._require_ctx()
+                await ctx.wait_writable()  # the spool cannot commit: read nothing more until it can
+                await ctx.wait_ram_room()  # the file keeps what is not read yet (edgeagent.holding)
                 if self._tailers.get(t.ident) is not t:
                     continue  # let go of meanwhile
                 try:
