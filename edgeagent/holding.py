@@ -136,8 +136,12 @@ class RamHold:
         if held.payload_bytes > HOLD_PAUSE_BYTES and not self._overdue():
             recently = time.monotonic() - held.last_ack < PAUSE_MAX
             if (held.in_flight or recently) and self.open.is_set() and self._pause_timer is None:
+                try:
+                    loop = asyncio.get_running_loop()
+                except RuntimeError:
+                    return  # used outside a loop (tests, tools): nothing reads, nothing to pause
                 self.open.clear()
-                self._pause_timer = asyncio.get_running_loop().call_later(PAUSE_MAX, self._pause_over)
+                self._pause_timer = loop.call_later(PAUSE_MAX, self._pause_over)
             return
         self._resume()
 

@@ -379,3 +379,16 @@ def test_sigkill_while_a_backlog_is_delivered_from_ram_loses_nothing_and_resends
     spool = Spool.open(agent.state_dir / "spool.db")
     assert spool.counters().get("acked_from_ram_chunks", 0) > 0  # the RAM path was taken
     spool.close()
+
+
+def test_a_full_ram_tier_outside_an_event_loop_pauses_nothing_and_raises_nothing(tmp_path: Path) -> None:
+    """Tools and tests drive the batcher without a loop: holding past HOLD_PAUSE_BYTES with chunks in flight
+    must not need one (there is no reader to pause)."""
+    spool = Spool.open(tmp_path / "spool.db")
+    b = batcher(spool)
+    for i in range(20):
+        b.add(big_lines(tmp_path, 50, i + 1, first=50 * i))
+        assert b.flush()
+        spool.oldest(100)  # in flight
+    assert spool.held.payload_bytes > holding.HOLD_PAUSE_BYTES or on_disk(tmp_path / "spool.db")[0]
+    assert b.accepting
