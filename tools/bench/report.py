@@ -21,6 +21,20 @@ TARGETS = (
 )
 
 
+def target_rows(targets: tuple[tuple[str, str, str, float, bool], ...], medians: dict[str, Any]) -> list[str]:
+    """One table row per (label, scenario or subject, key, limit, higher_is_better): the median, met or not."""
+    rows = []
+    for label, name, key, limit, higher in targets:
+        med = medians.get(name)
+        if not isinstance(med, dict) or key not in med:
+            rows.append(f"| {label} | not measured | - |")
+            continue
+        value = med[key]
+        met = value >= limit if higher else value <= limit
+        rows.append(f"| {label} | {fmt(value)} | {'yes' if met else '**no**'} |")
+    return rows
+
+
 def fmt(value: Any) -> str:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return str(value)
@@ -156,14 +170,9 @@ def render(results: dict[str, Any]) -> str:
     out += source_tables(results)
     out += compare_table(results)
     out += ["### Targets", "", "| target | measured | met |", "|---|---|---|"]
-    for label, scenario, key, limit, higher in TARGETS:
-        med = (results.get(scenario) or {}).get("median")
-        if not med or key not in med:
-            out.append(f"| {label} | not measured | - |")
-            continue
-        value = med[key]
-        met = value >= limit if higher else value <= limit
-        out.append(f"| {label} | {fmt(value)} | {'yes' if met else '**no**'} |")
+    out += target_rows(
+        TARGETS, {name: block.get("median") for name, block in results.items() if isinstance(block, dict)}
+    )
     out.append("")
     profile = results.get("profile")
     if profile:
@@ -298,13 +307,6 @@ def compare_table(results: dict[str, Any]) -> list[str]:
         out += ["", "| function (inclusive, the agent's own) | share |", "|---|---|"]
         out += [f"| `{f}` | {share:.1%} |" for f, share in prof["hot"]["inclusive"]]
     out += ["", "| target (issue 15) | measured | met |", "|---|---|---|"]
-    for label, subject, key, limit, higher in COMPARE_TARGETS:
-        med = meds.get(subject)
-        if not med or key not in med:
-            out.append(f"| {label} | not measured | - |")
-            continue
-        value = med[key]
-        met = value >= limit if higher else value <= limit
-        out.append(f"| {label} | {fmt(value)} | {'yes' if met else '**no**'} |")
+    out += target_rows(COMPARE_TARGETS, meds)
     out.append("")
     return out
