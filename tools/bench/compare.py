@@ -57,6 +57,7 @@ from common import (
     read_proc,
     wait_until,
 )
+from peers import fluent_bit_config
 from scenarios import (
     TOPIC,
     SpoolPeek,
@@ -364,35 +365,6 @@ def agent_otlp(w: Work, code: Path, name: str) -> dict[str, Any]:
     figures = _figures(w, wall, agent, final, sink.wire_bytes, sink.requests, machine)
     figures["zstd_frames_per_request"] = sink.frames / max(1, sink.requests)
     return figures
-
-
-def fluent_bit_config(work: Path, corpus: Path, port: int) -> str:
-    return f"""[SERVICE]
-    flush 1
-    log_level warn
-    storage.path {work}/storage
-    storage.sync normal
-    storage.checksum off
-    storage.max_chunks_up 128
-    storage.backlog.mem_limit 5M
-
-[INPUT]
-    name tail
-    path {corpus}
-    read_from_head true
-    db {work}/tail.db
-    db.sync normal
-    storage.type filesystem
-
-[OUTPUT]
-    name opentelemetry
-    match *
-    host 127.0.0.1
-    port {port}
-    logs_uri /v1/logs
-    log_response_payload false
-    retry_limit no_limits
-"""
 
 
 def fluent_bit(w: Work, binary: Path) -> dict[str, Any]:

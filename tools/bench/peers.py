@@ -148,3 +148,35 @@ def run_peer(name: str, w: Work) -> dict[str, Any]:
 
 
 PEERS = ("rsyslog", "rsyslog-disk", "syslog-ng")
+
+
+def fluent_bit_config(work: Path, log_file: Path, port: int) -> str:
+    """Fluent Bit 5 as ../shared/notes/peers.md builds it: tail (from the head, its position database synced
+    normally) -> filesystem storage (not synced per chunk) -> out_opentelemetry, uncompressed protobuf, retried
+    without limit; for the compare and trickle scenarios alike."""
+    return f"""[SERVICE]
+    flush 1
+    log_level warn
+    storage.path {work}/storage
+    storage.sync normal
+    storage.checksum off
+    storage.max_chunks_up 128
+    storage.backlog.mem_limit 5M
+
+[INPUT]
+    name tail
+    path {log_file}
+    read_from_head true
+    db {work}/tail.db
+    db.sync normal
+    storage.type filesystem
+
+[OUTPUT]
+    name opentelemetry
+    match *
+    host 127.0.0.1
+    port {port}
+    logs_uri /v1/logs
+    log_response_payload false
+    retry_limit no_limits
+"""

@@ -48,6 +48,7 @@ from common import (
     machine_share,
     wait_until,
 )
+from peers import fluent_bit_config
 from scenarios import TOPIC, agent_config, run_dir
 
 FLUENT_BIT = Path(os.environ.get("FLUENT_BIT", "/work/peers/fluent-bit-build/bin/fluent-bit"))
@@ -160,30 +161,6 @@ def edgeagent_config(log_file: Path, port: int, extra: str) -> str:
         '[upload]\nto = "mqtt"\n'
         f'[mqtt]\nurl = "mqtt://127.0.0.1:{port}"\ntopic = "{TOPIC}"\nfirst_connect_delay = "0s"\n' + extra
     )
-
-
-def fluent_bit_config(work: Path, log_file: Path, port: int) -> str:
-    return f"""[SERVICE]
-    flush        1
-    log_level    warn
-    storage.path {work}/storage
-    storage.sync normal
-
-[INPUT]
-    name          tail
-    path          {log_file}
-    db            {work}/tail.db
-    db.sync       normal
-    read_from_head true
-    storage.type  filesystem
-
-[OUTPUT]
-    name      opentelemetry
-    match     *
-    host      127.0.0.1
-    port      {port}
-    logs_uri  /v1/logs
-"""
 
 
 def _window(m: Measured, writer: Writer, seconds: float, work: Path) -> dict[str, Any]:
