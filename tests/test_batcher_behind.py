@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -53,6 +55,19 @@ def lines(n: int, tag: str) -> list[bytes]:
     return [f"{tag} {i} ".encode() + os.urandom(40).hex().encode() for i in range(n)]
 
 
+def failing_once(append: Callable[..., object]) -> Callable[..., object]:
+    """`append` that fails once first, as a full disk makes it fail."""
+    failures: list[int] = []
+
+    def append_failing_once(*args: object, **kwargs: object) -> object:
+        if not failures:
+            failures.append(1)
+            raise OSError(28, "No space left on device")
+        return append(*args, **kwargs)
+
+    return append_failing_once
+
+
 def test_a_full_chunk_is_committed_after_compressing_behind_with_its_positions(tmp_path: Path) -> None:
     spool = Spool.open(tmp_path / "spool.db")
     config = SpoolConfig(chunk_max_records=500, chunk_max_bytes=1 << 20)
@@ -84,7 +99,7 @@ def test_chunks_behind_and_after_commit_in_order_and_flush_waits_for_them(tmp_pa
 
     async def scenario() -> None:
         batcher = Batcher(spool, ChunkEncoder({}, "t"), "boot", config)
-        for i in range(10):  # each add fills a chunk: each waits for the one behind, then goes behind
+        for i in range(10):  # each add fills a chunk: each waits for the oldest behind, then goes behind
             batcher.add(Batch("files", lines(300, f"b{i}"), 1, "boot", position=("file:b", str(i))))
         batcher.add(Batch("files", lines(10, "tail"), 1, "boot", position=("file:b", "tail")))
         assert batcher.flush()  # commits the one behind, then what is pending
@@ -100,18 +115,10 @@ def test_chunks_behind_and_after_commit_in_order_and_flush_waits_for_them(tmp_pa
 def test_a_failed_commit_of_a_chunk_behind_keeps_everything_pending(tmp_path: Path) -> None:
     spool = Spool.open(tmp_path / "spool.db")
     config = SpoolConfig(chunk_max_records=100, chunk_max_bytes=1 << 20)
-    real_append = spool.append
-    failures = []
-
-    def append_failing_once(*args: object, **kwargs: object) -> object:
-        if not failures:
-            failures.append(1)
-            raise OSError(28, "No space left on device")  # what a full disk raises, once
-        return real_append(*args, **kwargs)  # type: ignore[arg-type]
 
     async def scenario() -> None:
         batcher = Batcher(spool, ChunkEncoder({}, "t"), "boot", config)
-        spool.append = append_failing_once  # type: ignore[method-assign]
+        spool.append = failing_once(spool.append)  # type: ignore[method-assign,assignment]
         batcher.add(Batch("files", lines(100, "c"), 1, "boot", position=("file:c", "100")))
         for _ in range(500):
             if batcher.stalled:
@@ -128,6 +135,44 @@ def test_a_failed_commit_of_a_chunk_behind_keeps_everything_pending(tmp_path: Pa
     records = spool_records(tmp_path)
     spool.close()
     assert [r["body"].split(" ")[:2] for r in records] == [["c", str(i)] for i in range(100)]
+
+
+def test_a_failed_commit_puts_back_every_flush_behind_it_in_order(tmp_path: Path) -> None:
+    spool = Spool.open(tmp_path / "spool.db")
+    config = SpoolConfig(chunk_max_records=100, chunk_max_bytes=1 << 20)
+
+    async def scenario() -> None:
+        batcher = Batcher(spool, ChunkEncoder({}, "t"), "boot", config)
+        spool.append = failing_once(spool.append)  # type: ignore[method-assign,assignment]
+        compressing = threading.Event()
+        real_compress = batcher._background._compress
+
+        def compress_when_let(requests: list[bytes]) -> list[bytes]:
+            compressing.wait(10)
+            return real_compress(requests)
+
+        batcher._background._compress = compress_when_let  # type: ignore[method-assign]
+        for i in range(Batcher.MAX_BEHIND):  # both go behind: neither waits for the other
+            batcher.add(Batch("files", lines(100, f"e{i}"), 1, "boot", position=("file:e", str(100 * (i + 1)))))
+        batcher.add(Batch("files", lines(10, "tail"), 1, "boot", position=("file:e", "tail")))
+        assert len(batcher._behind) == Batcher.MAX_BEHIND
+        assert batcher.pending_positions() == {"file:e": "tail"} and batcher.pending_records == 210
+        compressing.set()
+        for _ in range(500):
+            if batcher.stalled:
+                break
+            await asyncio.sleep(0.01)
+        # The oldest failed: it and the one behind it are pending again, in front of the tail, nothing lost.
+        assert batcher.stalled and not batcher._behind
+        assert batcher.pending_positions() == {"file:e": "tail"} and batcher.pending_records == 210
+        assert spool.positions("file:") == {}
+        assert batcher.flush()
+
+    asyncio.run(scenario())
+    assert spool.positions("file:") == {"file:e": "tail"}
+    records = spool_records(tmp_path)
+    spool.close()
+    assert [r["body"].split(" ")[0] for r in records] == ["e0"] * 100 + ["e1"] * 100 + ["tail"] * 10
 
 
 @pytest.mark.parametrize("in_loop", [False, True])

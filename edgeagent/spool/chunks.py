@@ -182,8 +182,8 @@ class Spool(SpoolState):
         (`commit_released`), or with the chunks themselves (`append` writes
         everything held). The caller has them written by `deadline`
         (monotonic) unless acknowledged; `durable`: that write is synced."""
-        for chunk in self._with_ids(chunks):
-            chunk = dataclasses.replace(chunk, chunk_id=chunk.chunk_id or uuid.uuid4().hex)
+        for n, chunk in enumerate(chunks, self._next_id):
+            chunk = dataclasses.replace(chunk, id=n, chunk_id=chunk.chunk_id or uuid.uuid4().hex)
             stored = StoredChunk(
                 chunk.id,
                 chunk.chunk_id,
@@ -197,6 +197,7 @@ class Spool(SpoolState):
                 chunk.payload,
             )
             self._held.add(HeldEntry(stored, chunk, {}, deadline, durable))
+        self._next_id += len(chunks)
         self._held.add_positions(positions)
 
     def counters(self) -> dict[str, int]:
