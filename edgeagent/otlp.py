@@ -201,8 +201,9 @@ class _LineFraming:
 
     Each record is [tag + length, common fields, body tags + lengths, line]:
     the first and third depend only on the line's length and are made once per
-    length the agent meets (kept across chunks, at most `MAX_LENGTHS`), then
-    looked up and interleaved with the lines by C-level map and slice
+    length the agent meets (kept across chunks, at most `MAX_LENGTHS`); per
+    batch, each length's whole prefix (the first three) is put together once,
+    then looked up and interleaved with the lines by C-level map and slice
     assignment: no Python bytecode runs per line, and only lengths never seen
     before cost a Python step.
     """
@@ -213,34 +214,33 @@ class _LineFraming:
         self.common_len = common_len
         self.heads: dict[int, bytes] = {}  # length -> record tag and length
         self.tails: dict[int, bytes] = {}  # length -> body tags and lengths
-        self.sizes: dict[int, int] = {}  # length -> the whole record field's size
 
     def encode(self, lines: list[bytes], common: bytes, out: list[bytes]) -> int:
         """Append the record fields of `lines` to `out`; returns their size in bytes."""
         lengths = list(map(len, lines))
-        new = set(lengths).difference(self.sizes)
+        distinct = set(lengths)
+        new = distinct.difference(self.heads)
         if new:
             self._learn(new)
-        count = len(lines)
-        fields: list[bytes] = [common] * (4 * count)
-        fields[0::4] = map(self.heads.__getitem__, lengths)  # type: ignore[call-overload]
-        fields[2::4] = map(self.tails.__getitem__, lengths)  # type: ignore[call-overload]
-        fields[3::4] = lines
-        out += fields
-        return sum(map(self.sizes.__getitem__, lengths))
+        heads, tails = self.heads, self.tails
+        prefixes = {n: heads[n] + common + tails[n] for n in distinct}
+        fields: list[bytes] = [common] * (2 * len(lines))
+        fields[0::2] = map(prefixes.__getitem__, lengths)  # type: ignore[call-overload]
+        fields[1::2] = lines
+        # Joined here, its length is the size (a copy more, cheaper than summing a size per line).
+        records = b"".join(fields)
+        out.append(records)
+        return len(records)
 
     def _learn(self, lengths: set[int]) -> None:
-        if len(self.sizes) + len(lengths) > self.MAX_LENGTHS:
+        if len(self.heads) + len(lengths) > self.MAX_LENGTHS:
             self.heads.clear()
             self.tails.clear()
-            self.sizes.clear()
         for n in lengths:
             any_len = 1 + len(_v(n)) + n
             tail = b"\x2a" + _v(any_len) + b"\x0a" + _v(n)
-            head = b"\x12" + _v(self.common_len + len(tail) + n)
-            self.heads[n] = head
+            self.heads[n] = b"\x12" + _v(self.common_len + len(tail) + n)
             self.tails[n] = tail
-            self.sizes[n] = len(head) + self.common_len + len(tail) + n
 
 
 # --- decoding -----------------------------------------------------------------
