@@ -37,6 +37,7 @@ import shutil
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -302,13 +303,13 @@ def profile(w: Work, tool: str, code: Path = REPO) -> dict[str, Any]:
 
 
 def _until_delivered(
-    w: Work, agent: Measured, state_dir: Path, found: threading.Event, window: Window
+    w: Work, agent: Measured, state_dir: Path, found: Callable[[], bool], window: Window
 ) -> tuple[float, dict[str, Any]]:
     """Wait until the receiver has seen the last line and the spool holds no chunk; wall and machine share."""
     peek = SpoolPeek(state_dir / "spool.db")
     try:
         timeout = generous_timeout(w.lines)
-        wait_agent(agent, found.is_set, timeout, "the last line at the receiver")
+        wait_agent(agent, found, timeout, "the last line at the receiver")
         wait_agent(agent, lambda: peek.chunks() == 0, timeout, "an empty spool (all chunks acknowledged)")
         wall = agent.mark()
         assert agent.marked is not None
@@ -328,7 +329,7 @@ def agent_mqtt(w: Work, code: Path, name: str, spool_keys: str = "") -> dict[str
     config = files_mqtt_config(w.corpus, proxy.port).replace("[spool]\n", "[spool]\n" + spool_keys)
     agent, state_dir = _start(work, config, code)
     try:
-        wall, machine = _until_delivered(w, agent, state_dir, sub.found, window)
+        wall, machine = _until_delivered(w, agent, state_dir, sub.found.is_set, window)
     finally:
         final = agent.stop()
         sub.close()
@@ -353,7 +354,7 @@ def agent_otlp(w: Work, code: Path, name: str) -> dict[str, Any]:
     window = Window()
     agent, state_dir = _start(work, body, code)
     try:
-        wall, machine = _until_delivered(w, agent, state_dir, sink.found, window)
+        wall, machine = _until_delivered(w, agent, state_dir, sink.found.is_set, window)
     finally:
         final = agent.stop()
         sink.close()
