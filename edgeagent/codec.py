@@ -1,7 +1,8 @@
 """The chunk codec: the one owner of the chunk wire format, end to end.
 
-A chunk payload is one zstd frame (level `ZSTD_LEVEL`, with a content checksum
-and the decoded size in its header) holding one OTLP logs v1
+A chunk payload is one zstd frame (level `ZSTD_LEVEL`, bulk chunks with a
+smaller long-match table, see `BULK_PARAMS`; with a content checksum and the
+decoded size in its header) holding one OTLP logs v1
 `ExportLogsServiceRequest` protobuf. This module owns everything done to such
 a payload: encoding batches into one (`ChunkCodec.encode`), decoding it
 (`decode`, `records`, `count`), splitting it (`split`, `split_to_fit`),
@@ -44,6 +45,16 @@ from edgeagent.otlp import ChunkEncoder, DecodeError, iter_fields
 from edgeagent.records import Batch
 
 ZSTD_LEVEL = 3
+# Chunks of BULK_MIN_BYTES and more (a file read in bulk: 256 KiB of text make about 290 KiB of protobuf) use
+# level 3's parameters for large inputs (zstd's default row; zstd still fits the window to each input) with a
+# table of 2^13 long matches instead of 2^16: it stays in the CPU's caches. Measured on the bench corpus,
+# 64 KiB to 2 MiB chunks: 5-12 % less compression CPU and equal or fewer bytes (256 KiB: 0.2455 x raw instead of
+# 0.2467; 128 KiB: 0.2549 instead of 0.2633, where level 3's own table for inputs under 256 KiB is greedier).
+# Smaller chunks (a trickle) keep level 3's parameters for their size: there the smaller table cost bytes.
+BULK_MIN_BYTES = 64 * 1024
+BULK_PARAMS = zstandard.ZstdCompressionParameters.from_level(
+    ZSTD_LEVEL, chain_log=13, write_checksum=1, write_content_size=1
+)
 # Far above any chunk the batcher builds (its defaults: 256 KiB of text, 20,000 records,
 # a few MiB of protobuf) and small enough for a device with 128 MiB of RAM to survive.
 MAX_DECODED_BYTES = 64 * 1024**2
@@ -106,6 +117,7 @@ class ChunkCodec:
 
     def __init__(self) -> None:
         self._cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True)
+        self._bulk_cctx = zstandard.ZstdCompressor(compression_params=BULK_PARAMS)
         self._dctx = zstandard.ZstdDecompressor()
 
     # --- encoding -------------------------------------------------------------------
@@ -118,7 +130,7 @@ class ChunkCodec:
 
     def compress(self, request: bytes) -> bytes:
         """A chunk payload for an ExportLogsServiceRequest protobuf."""
-        return self._cctx.compress(request)
+        return (self._bulk_cctx if len(request) >= BULK_MIN_BYTES else self._cctx).compress(request)
 
     # --- decoding -------------------------------------------------------------------
 

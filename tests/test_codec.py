@@ -74,6 +74,18 @@ def test_a_chunk_round_trips_as_one_standard_zstd_frame_with_checksum() -> None:
     assert ChunkCodec().raw_size(payload) == len(request)
 
 
+@pytest.mark.parametrize("lines", [10, 3000, 30000])  # a trickle chunk, and bulk ones (BULK_PARAMS)
+def test_a_chunk_of_any_size_is_one_frame_with_checksum_and_size_a_standard_reader_decodes(lines: int) -> None:
+    text = [f"2026-11-30T09:00:00 gw-7 app[{i % 97}]: request {i} took {i % 1000} ms" for i in range(lines)]
+    request = ENCODER.encode([Batch("files", [t.encode() for t in text], 1_000, BOOT)], OFFSET, True)
+    payload = ChunkCodec().compress(request)
+    assert (len(request) >= codec.BULK_MIN_BYTES) == (lines > 10)
+    params = zstandard.get_frame_parameters(payload)
+    assert params.has_checksum and params.content_size == len(request)
+    assert zstandard.ZstdDecompressor().decompress(payload) == request
+    assert proto_bodies(proto(payload)) == text
+
+
 def test_count_records_matches_the_decoder() -> None:
     encoder = ChunkEncoder(RESOURCE, "t")
     raw = encoder.encode(
