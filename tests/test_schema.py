@@ -1,7 +1,8 @@
-"""The spool schema migration with the sqlite-utils the device images ship:
-3.38 on Yocto scarthgap and in our OpenWrt feed, 4.x elsewhere. sqlite-utils
-3.x commits inside `Table.create()`, which used to end the migration's
-transaction early and fail the agent's first start."""
+"""The spool schema child: the migration with the sqlite-utils the device
+images ship (3.38 on Yocto scarthgap and in our OpenWrt feed, 4.x elsewhere;
+sqlite-utils 3.x commits inside `Table.create()`, which used to end the
+migration's transaction early and fail the agent's first start), and what the
+child loads."""
 
 from __future__ import annotations
 
@@ -12,6 +13,19 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO
+
+from edgeagent.spool import SCHEMA_VERSION
+from edgeagent.spool.schema import MIGRATIONS
+
+SPOOL_MODULES = {
+    "edgeagent.errors",
+    "edgeagent.spool.chunks",
+    "edgeagent.spool.database",
+    "edgeagent.spool.held",
+    "edgeagent.spool.opening",
+    "edgeagent.spool.salvage",
+    "edgeagent.spool.state",
+}
 
 
 def tables(path: Path) -> list[str]:
@@ -30,12 +44,45 @@ def test_the_migration_is_atomic_and_complete_with_sqlite_utils_3(tmp_path: Path
         pytest.skip(f"sqlite-utils 3.38 cannot be installed here: {install.stderr.strip()[-300:]}")
     spool = tmp_path / "spool.db"
     env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}
-    out = subprocess.run(
-        [sys.executable, "-m", "edgeagent.spool.schema", str(spool)], capture_output=True, text=True, cwd=REPO, env=env
-    )
+    child = [sys.executable, "-m", "edgeagent.spool.schema", str(spool), str(SCHEMA_VERSION)]
+    out = subprocess.run(child, capture_output=True, text=True, cwd=REPO, env=env)
     assert out.returncode == 0, (
         out.stderr
     )  # before the fix: "sqlite error 1: cannot rollback - no transaction is active"
     assert tables(spool) == ["boots", "chunks", "counters", "dead_letters", "positions", "sqlite_sequence", "status"]
     with sqlite3.connect(spool) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+
+
+def imported_by(argv: list[str]) -> set[str]:
+    """The modules a real `python -X importtime ARGV` run imports (its exit status must be 0)."""
+    run = subprocess.run([sys.executable, "-X", "importtime", *argv], capture_output=True, text=True, cwd=REPO)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return {line.split("|")[-1].strip() for line in run.stderr.splitlines() if line.startswith("import time:")}
+
+
+def test_the_child_loads_the_schema_module_and_sqlite_utils_only(tmp_path: Path) -> None:
+    """The child is told the version to build: it imports no other spool module (chunks, database, ...: about
+    10 ms of its CPU); before, `main` imported `SCHEMA_VERSION` from the package, which loaded all of them."""
+    spool = tmp_path / "spool.db"
+    loaded = imported_by(["-m", "edgeagent.spool.schema", str(spool), str(SCHEMA_VERSION)])
+    assert {"edgeagent.spool", "sqlite_utils"} <= loaded  # the module itself runs as __main__
+    assert loaded & SPOOL_MODULES == set()
+    assert tables(spool) == ["boots", "chunks", "counters", "dead_letters", "positions", "sqlite_sequence", "status"]
+    with sqlite3.connect(spool) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+def test_the_package_still_gives_its_names_on_first_use() -> None:
+    """`edgeagent.spool` loads its modules lazily; every name it exports still imports, and unknown ones fail."""
+    import edgeagent.spool
+
+    for name in edgeagent.spool.__all__:
+        assert getattr(edgeagent.spool, name) is not None, name
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        edgeagent.spool.Nope  # noqa: B018
+
+
+def test_every_schema_version_has_its_migration() -> None:
+    """The child builds up to the version it is given: one migration step per version the agent reads."""
+    assert sorted(MIGRATIONS) == list(range(SCHEMA_VERSION))

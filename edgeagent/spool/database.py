@@ -150,7 +150,8 @@ def _migrate(path: Path, exclusive: bool) -> None:
         )
     if version == SCHEMA_VERSION:
         return
-    command = [sys.executable, "-m", "edgeagent.spool.schema", str(path)] + (["--exclusive"] if exclusive else [])
+    command = [sys.executable, "-m", "edgeagent.spool.schema", str(path), str(SCHEMA_VERSION)]
+    command += ["--exclusive"] if exclusive else []
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     if done.returncode != 0:
         detail = (done.stderr.strip().splitlines()[-1:] or ["no output"])[0]

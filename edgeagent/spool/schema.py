@@ -1,12 +1,16 @@
 """Spool schema creation and migrations (sqlite-utils).
 
-Run as `python -m edgeagent.spool.schema SPOOL_PATH [--exclusive]` by the spool when
-its `user_version` is behind `SCHEMA_VERSION`, in a child process, so a running
-agent never carries sqlite-utils (and click, dateutil, pluggy) in RAM. Each
-migration step takes the spool from version N to N+1 inside one transaction; a
-spool written by a newer version is refused by the caller. A failure is reported
-as `sqlite error <code>: <message>` on stderr (exit 3), so the caller can tell a
-corrupt file from a disk that is full or failing.
+Run as `python -m edgeagent.spool.schema SPOOL_PATH VERSION [--exclusive]` by
+the spool (`database._migrate`) when the file's `user_version` is behind the
+version the agent reads (`SCHEMA_VERSION`, passed as VERSION), in a child
+process, so a running agent never carries sqlite-utils (and click, dateutil,
+pluggy) in RAM. This module imports nothing else of edgeagent (the package's
+`__init__` loads its modules lazily), so the child pays only for the
+interpreter, sqlite3 and sqlite-utils. Each migration step takes the spool
+from version N to N+1 inside one transaction; a spool written by a newer
+version is refused by the caller. A failure is reported as `sqlite error
+<code>: <message>` on stderr (exit 3), so the caller can tell a corrupt file
+from a disk that is full or failing.
 """
 
 from __future__ import annotations
@@ -88,16 +92,15 @@ def migrate(conn: sqlite3.Connection, current: int, target: int) -> None:
 
 
 def main(argv: list[str]) -> int:
-    from edgeagent.spool import SCHEMA_VERSION
-
+    path, target = argv[0], int(argv[1])
     try:
-        conn = sqlite3.connect(argv[0], isolation_level=None, timeout=10.0)
+        conn = sqlite3.connect(path, isolation_level=None, timeout=10.0)
         try:
-            if "--exclusive" in argv[1:]:
+            if "--exclusive" in argv[2:]:
                 conn.execute("PRAGMA locking_mode = EXCLUSIVE")
             current = conn.execute("PRAGMA user_version").fetchone()[0]
-            if current < SCHEMA_VERSION:
-                migrate(conn, current, SCHEMA_VERSION)
+            if current < target:
+                migrate(conn, current, target)
         finally:
             conn.close()
     except sqlite3.Error as e:
