@@ -44,12 +44,13 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from edgeagent.errors import SpoolError, SpoolUnavailable
     from edgeagent.spool.chunks import Eviction, NewChunk, Spool, StoredChunk
-    from edgeagent.spool.database import SCHEMA_VERSION, is_corruption, wal_limit_for
+    from edgeagent.spool.database import SCHEMA_VERSION, SchemaChild, is_corruption, wal_limit_for
 
 _HOMES = {
     "SCHEMA_VERSION": "edgeagent.spool.database",
     "Eviction": "edgeagent.spool.chunks",
     "NewChunk": "edgeagent.spool.chunks",
+    "SchemaChild": "edgeagent.spool.database",
     "Spool": "edgeagent.spool.chunks",
     "SpoolError": "edgeagent.errors",
     "SpoolUnavailable": "edgeagent.errors",
@@ -61,6 +62,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "Eviction",
     "NewChunk",
+    "SchemaChild",
     "Spool",
     "SpoolError",
     "SpoolUnavailable",

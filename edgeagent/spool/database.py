@@ -10,8 +10,13 @@ Corruption: only SQLITE_CORRUPT / SQLITE_NOTADB, a failed quick_check or a
 failed checksum count (`is_corruption`). Such a file is moved aside as
 `spool.db.corrupt-<time>` (`quarantine`) and salvaged (see `salvage`).
 
-Schema work runs in a child process (`python -m edgeagent.spool.schema`), so
-the agent never imports sqlite-utils. Every file is created 0600.
+Schema work runs in a child process (`SchemaChild`: `python -m
+edgeagent.spool.schema`), so the agent never imports sqlite-utils. `edgeagent
+run` starts that child as soon as its config is parsed (`start_if_behind`), so
+it runs on another core while the agent imports its modules; `Spool.open` then
+waits for it, and reports its failure exactly as that of a child it started
+itself. The child dies with the agent (PR_SET_PDEATHSIG). Every file is
+created 0600.
 """
 
 from __future__ import annotations
@@ -20,11 +25,12 @@ import contextlib
 import logging
 import os
 import re
+import signal
 import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +44,8 @@ _VACUUM_SLACK = 1024 * 1024
 _DISK_MARGIN = 64 * 1024
 _SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
 _FILE_MODE, _DIR_MODE = 0o600, 0o700
+_SCHEMA_CHILD_TIMEOUT = 120.0  # seconds; SQLite's own busy timeout in the child is 10 s
+_PR_SET_PDEATHSIG = 1
 
 _CHUNK_COLUMNS = (
     "id, chunk_id, created_ns, boot_id, clock_offset_ns, clock_synced, records, raw_bytes, max_severity, payload, crc32"
@@ -92,12 +100,21 @@ def _disk_room(path: Path) -> int:
     return max(used + st.f_bavail * st.f_frsize - _DISK_MARGIN, 0)
 
 
-def _connect(path: Path, durability: str, journal: str, max_size: int) -> tuple[sqlite3.Connection, str]:
-    """Connect, migrate and check. Raises sqlite3 errors (corrupt or not)."""
-    mode = journal
+def _journal_mode(path: Path, journal: str) -> str:
+    """What `[spool].journal` means for this file: "auto" is WAL, in the
+    exclusive locking mode where memory maps cannot be shared (JFFS2, cramfs)."""
     if journal == "auto":
-        mode = "exclusive" if filesystem_type(path.parent) in ("jffs2", "cramfs") else "wal"
-    _migrate(path, exclusive=mode == "exclusive")
+        return "exclusive" if filesystem_type(path.parent) in ("jffs2", "cramfs") else "wal"
+    return journal
+
+
+def _connect(
+    path: Path, durability: str, journal: str, max_size: int, schema_child: SchemaChild | None = None
+) -> tuple[sqlite3.Connection, str]:
+    """Connect, migrate and check. Raises sqlite3 errors (corrupt or not).
+    `schema_child`: one already started for this file (see `_migrate`)."""
+    mode = _journal_mode(path, journal)
+    _migrate(path, mode == "exclusive", schema_child)
     conn = sqlite3.connect(path, isolation_level=None, timeout=10.0)
     try:
         conn.execute("PRAGMA busy_timeout = 10000")
@@ -131,38 +148,115 @@ def _connect(path: Path, durability: str, journal: str, max_size: int) -> tuple[
     return conn, mode
 
 
-def _migrate(path: Path, exclusive: bool) -> None:
+def _schema_version(path: Path) -> int:
+    probe = sqlite3.connect(path, isolation_level=None, timeout=10.0)
+    try:
+        return int(probe.execute("PRAGMA user_version").fetchone()[0])
+    finally:
+        probe.close()
+
+
+def _migrate(path: Path, exclusive: bool, started: SchemaChild | None = None) -> None:
     """Bring the schema to `SCHEMA_VERSION`, or refuse a newer one.
 
     Schema work (sqlite-utils) runs in a short-lived child process: the
     agent itself never imports sqlite-utils and its dependencies (click,
     dateutil, pluggy: 4 MiB of RSS kept for the life of the daemon).
+    `started`, a child `edgeagent run` started early for this file, is waited
+    for first; its failure is raised here as that of a child started now.
     """
-    probe = sqlite3.connect(path, isolation_level=None, timeout=10.0)
-    try:
-        version = probe.execute("PRAGMA user_version").fetchone()[0]
-    finally:
-        probe.close()
+    if started is not None:
+        if (started.path, started.exclusive) == (path, exclusive):
+            started.result()
+        else:
+            started.stop()
+    version = _schema_version(path)
     if version > SCHEMA_VERSION:
         raise SpoolError(
             f"{path} was written by a newer edgeagent (spool schema {version}, this version reads up to "
             f"{SCHEMA_VERSION}); upgrade edgeagent or move the file aside"
         )
-    if version == SCHEMA_VERSION:
-        return
-    command = [sys.executable, "-m", "edgeagent.spool.schema", str(path), str(SCHEMA_VERSION)]
-    command += ["--exclusive"] if exclusive else []
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    if done.returncode != 0:
-        detail = (done.stderr.strip().splitlines()[-1:] or ["no output"])[0]
+    if version < SCHEMA_VERSION:
+        SchemaChild(path, exclusive).result()
+
+
+class SchemaChild:
+    """`python -m edgeagent.spool.schema PATH SCHEMA_VERSION [--exclusive]`
+    running for one spool file: it creates or migrates the schema, and exits 3
+    with `sqlite error <code>: <message>` on stderr when SQLite fails.
+
+    Wait for it with `result()` or end it with `stop()` (both reap it: no
+    zombie). The kernel kills the child when the thread that started it ends
+    (PR_SET_PDEATHSIG): an agent killed or stopped while the child runs (during
+    start-up, before it waits for the child) leaves no child behind.
+    """
+
+    def __init__(self, path: Path, exclusive: bool) -> None:
+        self.path = path
+        self.exclusive = exclusive
+        command = [sys.executable, "-m", "edgeagent.spool.schema", str(path), str(SCHEMA_VERSION)]
+        self.process = subprocess.Popen(
+            command + (["--exclusive"] if exclusive else []),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=_die_with_parent(),
+        )
+
+    @classmethod
+    def start_if_behind(cls, path: Path, journal: str) -> SchemaChild | None:
+        """Start the child for the spool at `path` (its directory must exist)
+        when its schema is behind, for `Spool.open(schema_child=...)` to wait
+        for. None when the schema is current, newer, or cannot be read: then
+        `Spool.open` does and reports everything itself, as without this."""
+        try:
+            if _schema_version(path) >= SCHEMA_VERSION:
+                return None
+            return cls(path, _journal_mode(path, journal) == "exclusive")
+        except (sqlite3.Error, OSError):
+            return None
+
+    def result(self) -> None:
+        """Wait for the child; raise what its failure means: `_Corrupt`
+        (quarantine), `sqlite3.OperationalError` with the child's SQLite code
+        (unavailable), `SpoolError` (anything else, e.g. no sqlite-utils), or
+        `subprocess.TimeoutExpired` after 120 s (the child is killed)."""
+        try:
+            stderr = self.process.communicate(timeout=_SCHEMA_CHILD_TIMEOUT)[1]
+        finally:
+            self.stop()
+        if self.process.returncode == 0:
+            return
+        detail = (stderr.strip().splitlines()[-1:] or ["no output"])[0]
         code = re.match(r"sqlite error (\d+): ", detail)
         if code is None:
-            raise SpoolError(f"creating or migrating the spool schema of {path} failed: {detail}")
+            raise SpoolError(f"creating or migrating the spool schema of {self.path} failed: {detail}")
         error = sqlite3.OperationalError(detail)
         error.sqlite_errorcode = int(code.group(1))  # type: ignore[attr-defined]
         if is_corruption(error):
             raise _Corrupt(detail)
         raise error
+
+    def stop(self) -> None:
+        """Kill the child if it still runs, and reap it. Idempotent."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        if self.process.stderr is not None:
+            self.process.stderr.close()
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """What the child runs before exec to die with its parent, or None where
+    that cannot be had (a Python without ctypes, a C library without prctl)."""
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (ImportError, OSError, AttributeError):
+        return None
+    return lambda: prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _quarantine(path: Path, reason: str) -> str:

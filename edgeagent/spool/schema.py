@@ -1,7 +1,7 @@
 """Spool schema creation and migrations (sqlite-utils).
 
 Run as `python -m edgeagent.spool.schema SPOOL_PATH VERSION [--exclusive]` by
-the spool (`database._migrate`) when the file's `user_version` is behind the
+the spool (`database.SchemaChild`) when the file's `user_version` is behind the
 version the agent reads (`SCHEMA_VERSION`, passed as VERSION), in a child
 process, so a running agent never carries sqlite-utils (and click, dateutil,
 pluggy) in RAM. This module imports nothing else of edgeagent (the package's

@@ -1,0 +1,174 @@
+"""The spool's schema child started early: `edgeagent run` starts it as soon
+as the config is parsed and `Spool.open` waits for it. Real SQLite files, real
+child processes, a real full tmpfs and real `edgeagent run` processes."""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import wait_for
+from disk import fill, tmpfs
+
+from edgeagent.spool import SCHEMA_VERSION, SchemaChild, Spool, SpoolError, SpoolUnavailable
+
+QUIET = '[kmsg]\nenabled = false\n[upload]\nto = "none"\n'
+TABLES = ["boots", "chunks", "counters", "dead_letters", "positions", "sqlite_sequence", "status"]
+
+
+def schema_of(path: Path) -> tuple[int, list[str]]:
+    conn = sqlite3.connect(path)
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        names = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+    finally:
+        conn.close()
+    return version, names
+
+
+def hold_write_lock(path: Path) -> sqlite3.Connection:
+    """A writer's lock on `path` (an empty file): the schema child can read, but waits to write."""
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    return holder
+
+
+def test_a_spool_opened_while_its_early_child_runs_waits_for_it_and_gets_the_schema(tmp_path: Path) -> None:
+    path = tmp_path / "spool.db"
+    holder = hold_write_lock(path)  # the child cannot finish before Spool.open waits for it
+    child = SchemaChild.start_if_behind(path, "auto")
+    assert child is not None
+    waiting = threading.Event()
+    running_when_waited: list[bool] = []
+    result = child.result
+
+    def result_noting_the_wait() -> None:
+        running_when_waited.append(child.process.poll() is None)
+        waiting.set()
+        result()
+
+    child.result = result_noting_the_wait  # type: ignore[method-assign]
+    releaser = threading.Thread(target=lambda: (waiting.wait(30), holder.execute("ROLLBACK")))
+    releaser.start()
+    try:
+        spool = Spool.open(path, schema_child=child)
+    finally:
+        releaser.join()
+        holder.close()
+    spool.close()
+    assert running_when_waited == [True]
+    assert child.process.returncode == 0, "the early child did the work: not killed and replaced by another"
+    assert schema_of(path) == (SCHEMA_VERSION, TABLES)
+
+
+def test_no_early_child_for_a_current_or_newer_schema(tmp_path: Path) -> None:
+    path = tmp_path / "spool.db"
+    Spool.open(path).close()
+    assert SchemaChild.start_if_behind(path, "auto") is None
+    with sqlite3.connect(path) as conn:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    assert SchemaChild.start_if_behind(path, "auto") is None
+    with pytest.raises(SpoolError, match="newer edgeagent"):
+        Spool.open(path)
+
+
+def test_a_full_disk_met_by_the_early_child_is_reported_as_before(tmp_path: Path) -> None:
+    """SQLITE_FULL from the early child: the same SpoolUnavailable as from a child Spool.open starts, and
+    nothing is quarantined."""
+    with tmpfs(tmp_path / "disk", "1m") as disk:
+        path = disk / "spool.db"
+        path.touch(mode=0o600)
+        fill(disk)
+        child = SchemaChild.start_if_behind(path, "auto")
+        assert child is not None
+        with pytest.raises(SpoolUnavailable) as early:
+            Spool.open(path, schema_child=child)
+        assert child.process.returncode == 3
+        with pytest.raises(SpoolUnavailable) as own:
+            Spool.open(path)
+        assert str(early.value) == str(own.value)
+        assert "sqlite error 13" in str(early.value)  # SQLITE_FULL
+        assert sorted(p.name for p in disk.iterdir()) == ["filler", "spool.db"]
+
+
+def corrupt_schema_page(path: Path) -> None:
+    """A spool file whose header reads (user_version 0) but whose table of tables is damaged."""
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA page_size = 1024")
+        conn.execute("CREATE TABLE t (x)")
+    with open(path, "r+b") as f:
+        f.seek(100)  # page 1's b-tree header, right after the 100-byte file header
+        f.write(b"\xff" * 8)
+
+
+def test_a_corrupt_file_met_by_the_early_child_is_quarantined_as_before(tmp_path: Path) -> None:
+    path = tmp_path / "early" / "spool.db"
+    path.parent.mkdir()
+    corrupt_schema_page(path)
+    child = SchemaChild.start_if_behind(path, "auto")
+    assert child is not None, "the header reads: the child starts and finds the damage"
+    spool = Spool.open(path, schema_child=child)
+    spool.close()
+    assert child.process.returncode == 3
+    assert len(spool.events) >= 1 and "is corrupt (sqlite error 11" in spool.events[0]
+    assert schema_of(path) == (SCHEMA_VERSION, TABLES)
+    assert len(list(path.parent.glob("spool.db.*-*"))) == 1
+    # The same file without an early child: the same outcome.
+    other = tmp_path / "own" / "spool.db"
+    other.parent.mkdir()
+    corrupt_schema_page(other)
+    own = Spool.open(other)
+    own.close()
+    assert own.events[0].split(";")[0].replace(str(other), "X") == spool.events[0].split(";")[0].replace(str(path), "X")
+
+
+def schema_children(parent: int) -> list[int]:
+    """Pids of `edgeagent.spool.schema` processes whose parent is `parent`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and b"edgeagent.spool.schema" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def ended(pid: int) -> bool:
+    """Gone, or a zombie waiting for whoever adopted it."""
+    try:
+        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) == "Z"
+    except OSError:
+        return True
+
+
+@pytest.mark.parametrize("stop", ["SIGKILL", "SIGTERM"])
+def test_an_agent_stopped_while_its_schema_child_runs_leaves_no_child(
+    tmp_path: Path, make_agent: Any, stop: str
+) -> None:
+    """The child runs (blocked by a writer) while the agent starts; kill -9 or SIGTERM the agent: the
+    child goes with it (before, a kill -9 left it running until SQLite's 10 s busy timeout)."""
+    agent = make_agent('state_dir = "{state_dir}"\n' + QUIET)
+    agent.state_dir.mkdir(mode=0o700)
+    holder = hold_write_lock(agent.state_dir / "spool.db")
+    try:
+        agent.start(wait_ready=False)
+        (child,) = wait_for(lambda: schema_children(agent.proc.pid), 30, 0.01, what="the agent's schema child")
+        if stop == "SIGKILL":
+            agent.kill()
+        else:
+            agent.signal(signal.SIGTERM)
+            holder.execute("ROLLBACK")  # if the agent waits for the child, it can now finish, then stop
+            assert agent.proc.wait(30) in (0, -signal.SIGTERM)
+            agent.proc = None
+        wait_for(lambda: ended(child), 5, 0.01, what="the schema child gone with the agent")
+    finally:
+        holder.close()
