@@ -6,6 +6,7 @@ child loads."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import subprocess
 import sys
@@ -86,3 +87,32 @@ def test_the_package_still_gives_its_names_on_first_use() -> None:
 def test_every_schema_version_has_its_migration() -> None:
     """The child builds up to the version it is given: one migration step per version the agent reads."""
     assert sorted(MIGRATIONS) == list(range(SCHEMA_VERSION))
+
+
+def test_the_child_neither_looks_for_nor_runs_sqlite_utils_plugins(tmp_path: Path) -> None:
+    """A sqlite-utils plugin installed on the device (a real distribution with a `sqlite_utils` entry point)
+    runs for any `sqlite_utils.Database`, but not on the spool's connection; and the child does not search the
+    installed packages for plugins at all (importlib.metadata: 10-20 ms of its CPU)."""
+    site = tmp_path / "site"
+    (site / "marking_plugin-1.0.dist-info").mkdir(parents=True)
+    (site / "marking_plugin-1.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: marking-plugin\n")
+    (site / "marking_plugin-1.0.dist-info" / "entry_points.txt").write_text("[sqlite_utils]\nmark = marking_plugin\n")
+    marker = tmp_path / "plugin-ran"
+    (site / "marking_plugin.py").write_text(
+        "import sqlite_utils\n\n\n@sqlite_utils.hookimpl\ndef prepare_connection(conn):\n"
+        f"    open({str(marker)!r}, 'w').close()\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(site))
+    probe = [sys.executable, "-c", "import sqlite_utils; sqlite_utils.Database(memory=True)"]
+    subprocess.run(probe, check=True, env=env, cwd=REPO)
+    assert marker.exists(), "the plugin is installed and runs for a Database with plugins"
+    marker.unlink()
+    spool = tmp_path / "spool.db"
+    child = [sys.executable, "-X", "importtime", "-m", "edgeagent.spool.schema", str(spool), str(SCHEMA_VERSION)]
+    run = subprocess.run(child, capture_output=True, text=True, env=env, cwd=REPO)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert not marker.exists(), "a plugin ran on the spool's connection"
+    loaded = {line.split("|")[-1].strip() for line in run.stderr.splitlines() if line.startswith("import time:")}
+    if "importlib.metadata" not in imported_by(["-c", "pass"]):  # this interpreter's site does not load it
+        assert "importlib.metadata" not in loaded
+    assert tables(spool) == ["boots", "chunks", "counters", "dead_letters", "positions", "sqlite_sequence", "status"]

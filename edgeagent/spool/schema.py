@@ -6,11 +6,11 @@ version the agent reads (`SCHEMA_VERSION`, passed as VERSION), in a child
 process, so a running agent never carries sqlite-utils (and click, dateutil,
 pluggy) in RAM. This module imports nothing else of edgeagent (the package's
 `__init__` loads its modules lazily), so the child pays only for the
-interpreter, sqlite3 and sqlite-utils. Each migration step takes the spool
-from version N to N+1 inside one transaction; a spool written by a newer
-version is refused by the caller. A failure is reported as `sqlite error
-<code>: <message>` on stderr (exit 3), so the caller can tell a corrupt file
-from a disk that is full or failing.
+interpreter, sqlite3 and sqlite-utils, whose plugins it neither looks for nor
+runs. Each migration step takes the spool from version N to N+1 inside one
+transaction; a spool written by a newer version is refused by the caller. A
+failure is reported as `sqlite error <code>: <message>` on stderr (exit 3), so
+the caller can tell a corrupt file from a disk that is full or failing.
 """
 
 from __future__ import annotations
@@ -72,7 +72,10 @@ PAGE_SIZE = 1024  # of spools created from now on; an existing spool keeps its o
 
 
 def migrate(conn: sqlite3.Connection, current: int, target: int) -> None:
-    db = sqlite_utils.Database(conn)
+    # execute_plugins=False: no search through every installed package's entry points for sqlite-utils
+    # plugins (importlib.metadata: 10-20 ms of the child's CPU, more with more packages installed), and no
+    # third-party code on the spool's connection.
+    db = sqlite_utils.Database(conn, execute_plugins=False)
     if current == 0 and not db.table_names():
         # Both only take effect before the first table exists (and before WAL mode writes page 1), and
         # page_size only before auto_vacuum (which fixes the page size of the empty file).
