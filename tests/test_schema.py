@@ -6,6 +6,7 @@ child loads."""
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import subprocess
@@ -55,19 +56,33 @@ def test_the_migration_is_atomic_and_complete_with_sqlite_utils_3(tmp_path: Path
         assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
 
 
-def imported_by(argv: list[str]) -> set[str]:
-    """The modules a real `python -X importtime ARGV` run imports (its exit status must be 0)."""
-    run = subprocess.run([sys.executable, "-X", "importtime", *argv], capture_output=True, text=True, cwd=REPO)
+# Runs the schema module as `python -m` does (as __main__), then prints the child's sys.modules: -X importtime
+# would not show modules loaded through importlib.import_module (the package's lazy names).
+RUN_AND_LIST_MODULES = """
+import json, runpy, sys
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_module("edgeagent.spool.schema", run_name="__main__", alter_sys=True)
+except SystemExit as e:
+    assert not e.code, e.code
+print(json.dumps(sorted(sys.modules)))
+"""
+
+
+def modules_of_a_child(spool: Path, env: dict[str, str] | None = None) -> set[str]:
+    """The modules a real schema child building `spool` has loaded when it is done."""
+    argv = [sys.executable, "-c", RUN_AND_LIST_MODULES, "edgeagent.spool.schema", str(spool), str(SCHEMA_VERSION)]
+    run = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=env)
     assert run.returncode == 0, run.stderr[-2000:]
-    return {line.split("|")[-1].strip() for line in run.stderr.splitlines() if line.startswith("import time:")}
+    return set(json.loads(run.stdout))
 
 
 def test_the_child_loads_the_schema_module_and_sqlite_utils_only(tmp_path: Path) -> None:
     """The child is told the version to build: it imports no other spool module (chunks, database, ...: about
     10 ms of its CPU); before, `main` imported `SCHEMA_VERSION` from the package, which loaded all of them."""
     spool = tmp_path / "spool.db"
-    loaded = imported_by(["-m", "edgeagent.spool.schema", str(spool), str(SCHEMA_VERSION)])
-    assert {"edgeagent.spool", "sqlite_utils"} <= loaded  # the module itself runs as __main__
+    loaded = modules_of_a_child(spool)
+    assert {"edgeagent.spool", "sqlite_utils"} <= loaded  # the schema module itself runs as __main__
     assert loaded & SPOOL_MODULES == set()
     assert tables(spool) == ["boots", "chunks", "counters", "dead_letters", "positions", "sqlite_sequence", "status"]
     with sqlite3.connect(spool) as conn:
@@ -108,11 +123,9 @@ def test_the_child_neither_looks_for_nor_runs_sqlite_utils_plugins(tmp_path: Pat
     assert marker.exists(), "the plugin is installed and runs for a Database with plugins"
     marker.unlink()
     spool = tmp_path / "spool.db"
-    child = [sys.executable, "-X", "importtime", "-m", "edgeagent.spool.schema", str(spool), str(SCHEMA_VERSION)]
-    run = subprocess.run(child, capture_output=True, text=True, env=env, cwd=REPO)
-    assert run.returncode == 0, run.stderr[-2000:]
+    loaded = modules_of_a_child(spool, env)
     assert not marker.exists(), "a plugin ran on the spool's connection"
-    loaded = {line.split("|")[-1].strip() for line in run.stderr.splitlines() if line.startswith("import time:")}
-    if "importlib.metadata" not in imported_by(["-c", "pass"]):  # this interpreter's site does not load it
+    bare = [sys.executable, "-c", "import sys; print('importlib.metadata' in sys.modules)"]
+    if subprocess.run(bare, capture_output=True, text=True, env=env).stdout.strip() == "False":  # not site's doing
         assert "importlib.metadata" not in loaded
     assert tables(spool) == ["boots", "chunks", "counters", "dead_letters", "positions", "sqlite_sequence", "status"]
