@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import Broker, free_port, wait_for
@@ -515,23 +516,24 @@ def test_an_exception_in_a_callback_rebuilds_the_connection(
 ) -> None:
     """paho would swallow it and stop settling PUBACKs; the guard logs it and reconnects."""
 
-    class ExplodingOnce(list):  # the list on_publish appends PUBACK outcomes to
-        exploded = False
-
-        def append(self, item: object) -> None:
-            if not ExplodingOnce.exploded:
-                ExplodingOnce.exploded = True
-                raise RuntimeError("simulated bug in on_publish")
-            super().append(item)
+    exploded: list[int] = []
 
     h = UploaderHarness(tmp_path / "state", config_text(mosquitto.url))
     harnesses.append(h)
     h.start()
     wait_for(lambda: h.status()["connected"])
-    h.call(setattr, h.session, "_outcomes", ExplodingOnce())
+    settle = h.session._settle
+
+    def settle_exploding_once(link: Any, mid: int, reason: Any) -> None:  # what on_publish calls for a PUBACK
+        if not exploded:
+            exploded.append(mid)
+            raise RuntimeError("simulated bug in on_publish")
+        settle(link, mid, reason)
+
+    h.call(setattr, h.session, "_settle", settle_exploding_once)
     h.add_lines(0, 1000, 1000)
     wait_for(lambda: h.backlog()["chunks"] == 0, what="delivered after the rebuilt connection")
-    assert ExplodingOnce.exploded and h.status()["connections"] >= 2
+    assert exploded and h.status()["connections"] >= 2
 
 
 @pytest.mark.parametrize("chunk_id", ["", "0123456789abcdef" * 2, "é" * 90])

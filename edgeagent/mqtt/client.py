@@ -13,6 +13,12 @@ then a growing buffer) and does not check the Maximum Packet Size it declared
 for us, so a hostile broker announcing a 250 MiB PUBLISH would make it
 allocate all of it. `BoundedClient` refuses the packet as soon as its length
 is known: the read fails, paho ends the connection, the session reconnects.
+
+Per message, `BoundedClient` does less than paho: a success PUBACK in one of
+its short forms is taken without paho's decoder (whose objects cost more than
+the rest of the PUBACK); any other PUBACK goes through paho's decoder and its
+checks, and one it cannot decode ends the connection with a reason naming it.
+An outgoing packet is queued as a memoryview, so sending it never copies it.
 """
 
 from __future__ import annotations
@@ -60,9 +66,11 @@ _defer_import("urllib.request")
 
 import paho.mqtt.client as paho_client  # noqa: E402
 from paho.mqtt.client import Client  # noqa: E402
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion  # noqa: E402
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion  # noqa: E402
+from paho.mqtt.exception import MalformedPacket  # noqa: E402
 from paho.mqtt.packettypes import PacketTypes  # noqa: E402
 from paho.mqtt.properties import Properties  # noqa: E402
+from paho.mqtt.reasoncodes import ReasonCode  # noqa: E402
 
 from edgeagent import tls  # noqa: E402
 from edgeagent.config import Config  # noqa: E402
@@ -152,19 +160,75 @@ def connection_key(config: Config) -> tuple[Any, ...]:
 
 
 class BoundedClient(Client):
-    """paho's client, reading at most `_READ_SIZE` per call and refusing any
-    incoming packet over `max_incoming` (see the module docstring)."""
+    """paho's client, reading at most `_READ_SIZE` per call, refusing any incoming
+    packet over `max_incoming`, and with the per-message shortcuts of the module
+    docstring."""
 
     max_incoming = MAX_INCOMING_PACKET
-    oversized = 0  # the length of the last packet refused
+    refused = ""  # why the client refused what the broker sent ("": nothing refused)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # What on_publish gets for a success PUBACK: made once per connection, not once per PUBACK.
+        self._success_codes = {code: ReasonCode(PacketTypes.PUBACK, identifier=code) for code in PUBACK_SUCCESS_CODES}
+        self._no_properties = Properties(PacketTypes.PUBACK)
 
     def _sock_recv(self, bufsize: int) -> bytes:
         packet = self._in_packet
         if packet["have_remaining"] and packet["remaining_length"] > self.max_incoming:
-            self.oversized = packet["remaining_length"]
+            length = packet["remaining_length"]
+            self.refused = f"the broker sent a {length}-byte packet, over the {self.max_incoming} bytes we accept"
             # paho turns an OSError from a read into "connection lost" and closes the socket.
-            raise PacketTooLarge(f"the broker sent a {self.oversized}-byte packet (limit {self.max_incoming})")
+            raise PacketTooLarge(f"the broker sent a {length}-byte packet (limit {self.max_incoming})")
         return super()._sock_recv(min(bufsize, _READ_SIZE))
+
+    def _handle_pubackcomp(self, cmd: Any) -> MQTTErrorCode:
+        """A PUBACK (or PUBCOMP): `short_success_puback` answers the common case; anything else goes to
+        paho's decoder, and what it refuses is recorded in `refused`."""
+        packet = self._in_packet["packet"]
+        code = short_success_puback(packet, self._protocol == MQTTProtocolVersion.MQTTv5) if cmd == "PUBACK" else None
+        if code is None:
+            try:
+                return super()._handle_pubackcomp(cmd)
+            except MalformedPacket as e:
+                shown = bytes(packet[:16]).hex(" ") + (" ..." if len(packet) > 16 else "")
+                self.refused = f"the broker sent a malformed {cmd} (body: {shown or 'empty'}): {e}"
+                raise
+        mid = (packet[0] << 8) | packet[1]
+        with self._out_message_mutex:
+            if mid in self._out_messages:
+                return self._do_on_publish(mid, self._success_codes[code], self._no_properties)
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def in_callback(self) -> bool:
+        """Whether one of paho's callbacks is running (paho's own test before it writes at once)."""
+        if self._in_callback_mutex.acquire(blocking=False):
+            self._in_callback_mutex.release()
+            return False
+        return True
+
+    def _packet_queue(self, command: int, packet: Any, mid: int, qos: int, info: Any = None) -> MQTTErrorCode:
+        # paho sends `packet[pos:]`: a copy of the whole packet (a 70 KB chunk) unless it is a memoryview.
+        # (Its annotation says bytes or bytearray; all it does with the packet is len(), slicing, send.)
+        return super()._packet_queue(command, memoryview(packet), mid, qos, info)  # type: ignore[arg-type]
+
+
+# PUBACK reason codes that mean the message was accepted (MQTT 5.0, 3.4.2.1): 0x00 success and
+# 0x10 no matching subscribers.
+PUBACK_SUCCESS_CODES = (0x00, 0x10)
+
+
+def short_success_puback(body: bytes | bytearray, v5: bool) -> int | None:
+    """The reason code of a PUBACK body (after the fixed header) in the forms a broker acknowledges
+    with: the packet id alone (success), or with MQTT 5 a success reason code and no properties
+    (MQTT 5.0, 3.4.2.1: the reason code and property length may be left out). None for any other
+    body: a failure, properties, or something malformed, which paho's decoder judges."""
+    size = len(body)
+    if size == 2:
+        return 0x00
+    if v5 and (size == 3 or (size == 4 and body[3] == 0)) and body[2] in PUBACK_SUCCESS_CODES:
+        return body[2]
+    return None
 
 
 def new_client(config: Config, max_queued: int) -> BoundedClient:
@@ -180,8 +244,10 @@ def new_client(config: Config, max_queued: int) -> BoundedClient:
         reconnect_on_failure=False,
     )
     client.connect_timeout = m.connect_timeout
-    # The session's clients keep their own windows; this is paho's guard against a runaway queue.
-    client.max_inflight_messages_set(max_queued)
+    # The session's clients keep their own windows; the queue limit is paho's guard against a runaway
+    # queue. No in-flight limit (0): under the queue limit it could never hold a message back, and with
+    # one paho scans its messages for a queued one after every PUBACK.
+    client.max_inflight_messages_set(0)
     client.max_queued_messages_set(max_queued)
     if m.username:
         client.username_pw_set(m.username, _password(config))
@@ -292,19 +358,24 @@ def publish_properties(values: dict[str, Any] | None) -> Properties | None:
 
 
 class PackedProperties(Properties):
-    """PUBLISH properties we packed ourselves: paho only calls `pack()` on those
-    of an outgoing PUBLISH (and again when it resends it), while building them
-    through `Properties`' attribute checks cost about 0.2 ms per message, a
-    tenth of the uploader's CPU at full speed."""
+    """PUBLISH properties we packed ourselves (`packed_publish_properties`). paho only
+    calls `pack()` on those of an outgoing PUBLISH, so neither `Properties`' attribute
+    checks (about 0.2 ms per message) nor its `__init__` (tables of every property,
+    built again for each object) are run: once per message, they cost more than
+    the packing."""
 
     packed: bytes
 
-    def __init__(self, packed: bytes) -> None:
-        super().__init__(PacketTypes.PUBLISH)
-        object.__setattr__(self, "packed", packed)  # `Properties.__setattr__` takes only MQTT property names
+    def __init__(self, packed: bytes) -> None:  # `Properties.__init__` is skipped on purpose (see above)
+        # `Properties.__setattr__` takes only MQTT property names and its own table names.
+        object.__setattr__(self, "packetType", PacketTypes.PUBLISH)
+        object.__setattr__(self, "packed", packed)
 
     def pack(self) -> bytes:
         return self.packed
+
+    def __str__(self) -> str:  # paho's debug log shows the properties of what it sends
+        return f"PackedProperties({self.packed!r})"
 
 
 def packed_publish_properties(content_type: str, user_properties: list[tuple[str, str]]) -> PackedProperties:

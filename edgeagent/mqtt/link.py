@@ -1,12 +1,13 @@
 """One MQTT connection: a fresh paho client driven from the agent's event loop.
 
 How paho is driven. paho runs inside the agent's one event loop: its socket is
-watched with `loop.add_reader`/`add_writer` (paho's `on_socket_register_write`
-/ `on_socket_unregister_write` / `on_socket_close` callbacks keep the writer
-registration in step) and `loop_misc` runs from the session's timer for
-keepalive. Only the blocking part of a connect (DNS, TCP, TLS handshake,
-sending CONNECT) runs in `asyncio.to_thread`, on a client object no loop
-callback touches until the thread has returned.
+watched with `loop.add_reader`; a packet paho queues is written at once (paho's
+`on_socket_register_write`), and `loop.add_writer` watches the socket only for
+what the kernel could not take yet (`on_socket_unregister_write` /
+`on_socket_close` keep that registration in step); `loop_misc` runs from the
+session's timer for keepalive. Only the blocking part of a connect (DNS, TCP,
+TLS handshake, sending CONNECT) runs in `asyncio.to_thread`, on a client object
+no loop callback touches until the thread has returned.
 
 Every connection uses a fresh client: paho resends everything it holds after
 a reconnect, all at once and past its in-flight limit; a fresh client holds
@@ -82,6 +83,7 @@ class Link:
         self.slow_down: float | None = None  # the wait a DISCONNECT reason code asked for
         self.max_packet_size: int | None = None
         self.receive_maximum: int | None = None
+        self.watching_write = False  # the loop's writer is registered for the socket
         self._on_event = on_event
         client.on_socket_close = guarded(self._on_socket_close, self.fail)
         client.on_socket_register_write = guarded(self._on_socket_register_write, self.fail)
@@ -151,8 +153,7 @@ class Link:
         if sock is None:
             return
         self.loop.add_reader(sock, self._on_readable)
-        if self.client.want_write():
-            self.loop.add_writer(sock, self._on_writable)
+        self._watch_writable(sock, self.client.want_write())
 
     def close(self) -> None:
         """Stop watching and close the socket, without telling paho: the client
@@ -161,7 +162,7 @@ class Link:
         if sock is None:
             return
         self.loop.remove_reader(sock)
-        self.loop.remove_writer(sock)
+        self._watch_writable(sock, False)
         _close_quietly(self.client)
 
     def misc_interval(self) -> float:
@@ -200,18 +201,32 @@ class Link:
             self.fail(f"internal error writing to the broker: {describe(e)}")
 
     def _on_socket_register_write(self, client: Any, userdata: Any, sock: Any) -> None:
+        """paho queued a packet: write now, as paho does without an external loop. The kernel
+        usually takes it all, and then no writer is registered (and removed) for it; the socket is
+        watched only for what it could not take, and for what is queued inside one of paho's
+        callbacks (writing there could re-enter paho's callback lock)."""
         if self.owns(client):
-            self.loop.add_writer(sock, self._on_writable)
+            if not client.in_callback():
+                self._on_writable()
+            self._watch_writable(sock, client.want_write() and client.socket() is sock)
 
     def _on_socket_unregister_write(self, client: Any, userdata: Any, sock: Any) -> None:
         if self.owns(client):
-            self.loop.remove_writer(sock)
+            self._watch_writable(sock, False)
 
     def _on_socket_close(self, client: Any, userdata: Any, sock: Any) -> None:
         if self.owns(client):
             self.loop.remove_reader(sock)
-            self.loop.remove_writer(sock)
+            self._watch_writable(sock, False)
             self._on_event()  # on_disconnect follows with the reason; the session checks the socket
+
+    def _watch_writable(self, sock: Any, watch: bool) -> None:
+        """Register or remove the loop's writer for `sock`, only when that changes something."""
+        if watch and not self.watching_write:
+            self.loop.add_writer(sock, self._on_writable)
+        elif not watch and self.watching_write:
+            self.loop.remove_writer(sock)
+        self.watching_write = watch
 
 
 def describe(e: BaseException) -> str:

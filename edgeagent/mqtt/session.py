@@ -91,7 +91,6 @@ class MqttSession:
         self._subscriptions: dict[str, tuple[Callable[[IncomingMessage], None], int]] = {}
         self._connected_callbacks: list[Callable[[], None]] = []
         self._link: Link | None = None  # the connection, or the attempt under way
-        self._outcomes: list[tuple[int, ReasonCode]] = []  # (mid, PUBACK reason) from paho
         self._early: dict[int, ReasonCode] = {}
         self._event = asyncio.Event()  # something happened: the run loop looks again
         self._woken = False  # network up / asked: cut the offline wait short
@@ -185,8 +184,9 @@ class MqttSession:
         # MQTT_ERR_SUCCESS, or MQTT_ERR_NO_CONN: paho keeps the message either way; the PUBACK
         # (or the end of this connection) decides.
         self.counters.published += 1
-        if not link.pending:
+        if not link.pending:  # the run loop times PUBACKs from now on (the watchdog)
             link.last_progress = time.monotonic()
+            self._event.set()
         link.pending[info.mid] = Pending(future, len(payload))
         early = self._early.pop(info.mid, None)
         if early is not None or qos == 0:
@@ -373,7 +373,6 @@ class MqttSession:
                 pending.future.set_result(lost)
         link.pending.clear()
         self._early.clear()
-        self._outcomes.clear()
         log.info("mqtt: disconnected from %s: %s", mqttc.broker_url_for_display(self.config.mqtt.url), reason)
 
     # --- the connected loop ----------------------------------------------------------
@@ -467,11 +466,7 @@ class MqttSession:
         link = self._live(client)
         if link is None:
             return
-        oversized = getattr(client, "oversized", 0)
-        if oversized:
-            why = f"the broker sent a {oversized}-byte packet, over the {mqttc.MAX_INCOMING_PACKET} bytes we accept"
-        else:
-            why = str(reason)
+        why = getattr(client, "refused", "") or str(reason)  # what the client refused, if that ended it
         link.lost_code = reason.value
         if flags.is_disconnect_packet_from_server:
             self._note_server_reference(properties)
@@ -485,14 +480,11 @@ class MqttSession:
         link = self._live(client)
         if link is None:
             return
-        self._outcomes.append((mid, reason))
-        outcomes, self._outcomes = self._outcomes, []
-        for done_mid, done_reason in outcomes:
-            if done_mid in link.pending:
-                self._settle(link, done_mid, done_reason)
-            else:  # reported before publish() returned its mid (QoS 0 written at once)
-                self._early[done_mid] = done_reason
-        self._event.set()
+        if mid in link.pending:
+            self._settle(link, mid, reason)
+        else:  # reported before publish() returned its mid (QoS 0 written at once)
+            self._early[mid] = reason
+        # The run loop is not woken: its next turn reads the progress this PUBACK made.
 
     def _on_message(self, client: Client, userdata: Any, message: MQTTMessage) -> None:
         if self._live(client) is None:
