@@ -54,6 +54,8 @@ DEFAULT_STATE_DIR = Path("/var/lib/edgeagent")
 
 @dataclass(frozen=True)
 class KmsgConfig:
+    """`[kmsg]`: the kernel log (/dev/kmsg) and the crash logs pstore kept from the last boot."""
+
     enabled: bool = True
     min_priority: int = field(default=6, metadata=PRIORITY)  # info
     path: str = field(default="/dev/kmsg", metadata=LOCAL_ONLY)
@@ -64,6 +66,8 @@ class KmsgConfig:
 
 @dataclass(frozen=True)
 class FilesConfig:
+    """One `[[files]]` entry: log files to follow (globs), through rotation."""
+
     include: tuple[str, ...]
     exclude: tuple[str, ...] = ()
     start_at: str = field(default="end", metadata=_choice("beginning", "end"))
@@ -80,6 +84,8 @@ class FilesConfig:
 
 @dataclass(frozen=True)
 class SyslogConfig:
+    """One `[[syslog]]` entry: a syslog listener (UDP, TCP or a unix socket)."""
+
     listen: str  # udp://HOST:PORT | tcp://HOST:PORT | unix://PATH (datagram) | unix-stream://PATH
     format: str = field(default="auto", metadata=_choice("auto", "rfc5424", "rfc3164"))
     max_message_size: int = field(default=16 * 1024, metadata=SIZE)  # longer messages are cut and marked
@@ -91,6 +97,8 @@ class SyslogConfig:
 
 @dataclass(frozen=True)
 class JournaldConfig:
+    """`[journald]`: the systemd journal, read through journalctl."""
+
     enabled: bool = False
     directory: str = ""  # empty: this machine's journal; else a journal directory to read
     units: tuple[str, ...] = ()  # only these units; empty: all
@@ -104,6 +112,8 @@ class JournaldConfig:
 
 @dataclass(frozen=True)
 class SpoolConfig:
+    """`[spool]`: the on-disk spool (size cap, durability, chunking)."""
+
     max_size: int = field(default=64 * 1024**2, metadata=SIZE)
     durability: str = field(default="full", metadata=_choice("full", "normal"))
     journal: str = field(default="auto", metadata=_choice("auto", "wal", "exclusive", "rollback"))
@@ -121,6 +131,8 @@ class SpoolConfig:
 
 @dataclass(frozen=True)
 class UploadConfig:
+    """`[upload]`: where chunks go and how fast, how retries back off."""
+
     to: str = field(default="mqtt", metadata=_choice("mqtt", "otlp_http", "none"))
     window: int = 8
     max_rate: int = field(default=0, metadata=SIZE)  # bytes per second; 0 = unlimited
@@ -131,6 +143,8 @@ class UploadConfig:
 
 @dataclass(frozen=True)
 class MqttConfig:
+    """`[mqtt]`: the broker connection, its topics, credentials and TLS files."""
+
     url: str = "mqtt://127.0.0.1:1883"
     topic: str = "edgeagent/{device_id}/logs"
     status_topic: str = "edgeagent/{device_id}/status"
@@ -151,6 +165,8 @@ class MqttConfig:
 
 @dataclass(frozen=True)
 class OtlpHttpConfig:
+    """`[otlp_http]`: the OTLP/HTTP collector endpoint, its headers and TLS files."""
+
     endpoint: str = "http://127.0.0.1:4318/v1/logs"
     compression: str = field(default="zstd", metadata=_choice("zstd", "gzip", "none"))
     headers: dict[str, str] = field(default_factory=dict, metadata=SECRET)  # values may be tokens
@@ -184,6 +200,8 @@ class FleetConfig:
 
 @dataclass(frozen=True)
 class Config:
+    """The whole configuration: top-level keys and one field per section."""
+
     device_id: str = field(default="", metadata=LOCAL_ONLY)
     state_dir: Path = field(default=DEFAULT_STATE_DIR, metadata=LOCAL_ONLY)
     log_level: str = field(default="info", metadata=_choice("debug", "info", "warning", "error"))

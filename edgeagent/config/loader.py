@@ -9,7 +9,6 @@ the value (secrets redacted) and what was expected.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
 import types
 import typing
@@ -20,6 +19,8 @@ from edgeagent.config.values import REDACTED, parse_duration, parse_priority, pa
 from edgeagent.errors import ConfigError
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from edgeagent.config import Config
 
 
@@ -61,8 +62,8 @@ class _Loader:
         fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
         for key in data:
             if key not in fields:
-                close = difflib.get_close_matches(key, fields, n=1, cutoff=0.6)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                close = closest(key, fields)
+                hint = f" (did you mean {close!r}?)" if close else ""
                 known = ", ".join(fields)
                 where = self._line_of(prefix + key)
                 at = f":{where}" if where else ""
@@ -135,8 +136,8 @@ def _of_kind(kind: str, meta: Any, raw: Any) -> Any:
         return parse_priority(raw)
     if kind == "choice":
         if raw not in meta["choices"]:
-            close = difflib.get_close_matches(str(raw), meta["choices"], n=1)
-            hint_text = f" (did you mean {close[0]!r}?)" if close else ""
+            close = closest(str(raw), meta["choices"])
+            hint_text = f" (did you mean {close!r}?)" if close else ""
             raise ValueError(" or ".join(repr(c) for c in meta["choices"]) + hint_text)
         return raw
     if kind == "regex":
@@ -169,3 +170,11 @@ def _text_of(source_path: str) -> str:
         return Path(source_path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         return ""
+
+
+def closest(word: str, choices: Iterable[str]) -> str | None:
+    """The choice `word` was most likely meant to be, for a did-you-mean in an error."""
+    import difflib  # only when a config is wrong: not at every start
+
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return close[0] if close else None
