@@ -202,10 +202,12 @@ class UploaderContext:
         """Sleep until woken or `timeout` passes. Returns why it was woken (empty
         when the timeout passed): uploaders in backoff ignore `WAKE_DATA` alone,
         since retrying on every commit during an outage is a reconnect storm."""
-        try:
-            await asyncio.wait_for(self.wake_event.wait(), timeout)
-        except TimeoutError:
-            pass
+        if not self.wake_event.is_set():  # under load it mostly is: no timer, no task
+            try:
+                async with asyncio.timeout(timeout):  # not wait_for: that makes a task per call
+                    await self.wake_event.wait()
+            except TimeoutError:
+                pass
         reasons = frozenset(self._reasons)
         self.discard_wakes()
         return reasons
