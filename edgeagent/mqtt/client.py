@@ -112,6 +112,8 @@ SLOW_DOWN_WAIT = 60.0
 
 @dataclass(frozen=True)
 class BrokerAddress:
+    """Where the broker is, from `[mqtt].url` (`broker_address`)."""
+
     host: str
     port: int
     tls: bool

@@ -45,6 +45,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 @dataclass
 class Pending:
+    """A publish waiting for its PUBACK: the future it resolves, and its payload size (the watchdog's
+    deadline allows for the rate cap)."""
+
     future: asyncio.Future[Any]
     size: int
 

@@ -49,6 +49,8 @@ RC_NOT_AUTHORIZED = 0x87
 
 @dataclass
 class IncomingMessage:
+    """A message on a subscribed topic, as its handler gets it."""
+
     topic: str
     payload: bytes
     retain: bool
@@ -57,6 +59,8 @@ class IncomingMessage:
 
 @dataclass
 class PublishResult:
+    """What became of one publish: acknowledged, refused (with the reason code), or unknown."""
+
     ok: bool
     reason_code: int | None  # the PUBACK's (or, with `connection_lost`, the DISCONNECT's) reason code
     reason: str
@@ -66,6 +70,8 @@ class PublishResult:
 
 @dataclass
 class _Counters:
+    """What `status()` counts for the session."""
+
     connections: int = 0
     published: int = 0
     acked: int = 0

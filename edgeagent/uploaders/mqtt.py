@@ -72,6 +72,8 @@ class _InFlight:
 
 @dataclass(slots=True)
 class _Counters:
+    """What `status()` counts for the uploader."""
+
     sent: int = 0
     acked: int = 0
     acked_records: int = 0
