@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from conftest import REPO
 
 from edgeagent.spool import SCHEMA_VERSION
 from edgeagent.spool.schema import MIGRATIONS
+from edgeagent.spool.snapshot import TABLES as SNAPSHOT_TABLES
 
 SPOOL_MODULES = {
     "edgeagent.errors",
@@ -54,6 +56,12 @@ def test_the_migration_is_atomic_and_complete_with_sqlite_utils_3(tmp_path: Path
     assert tables(spool) == ["boots", "chunks", "counters", "dead_letters", "positions", "sqlite_sequence", "status"]
     with sqlite3.connect(spool) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        built = conn.execute("SELECT sql FROM sqlite_master WHERE sql IS NOT NULL ORDER BY rowid").fetchall()
+    conn.close()
+    # The same schema as the snapshot a fresh spool gets; sqlite-utils 3.x only quotes names as [name].
+    unquoted = [re.sub(r"\[(\w+)\]", r'"\1"', sql) for (sql,) in built]
+    built_sql = [sql for sql in unquoted if not sql.startswith("CREATE TABLE sqlite_sequence")]
+    assert built_sql == list(SNAPSHOT_TABLES)
 
 
 # Runs the schema module as `python -m` does (as __main__), then prints the child's sys.modules: -X importtime

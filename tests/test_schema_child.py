@@ -1,17 +1,21 @@
 """The spool's schema child started early: `edgeagent run` starts it as soon
-as the config is parsed and `Spool.open` waits for it. Real SQLite files, real
-child processes, a real full tmpfs and real `edgeagent run` processes."""
+as the config is parsed, when the spool exists with a schema behind, and
+`Spool.open` waits for it. Real SQLite files, real child processes, a real full
+tmpfs and real `edgeagent run` processes."""
 
 from __future__ import annotations
 
 import signal
 import sqlite3
+import struct
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import wait_for
+from conftest import REPO, wait_for
 from disk import fill, tmpfs
 
 from edgeagent.spool import SCHEMA_VERSION, SchemaChild, Spool, SpoolError, SpoolUnavailable
@@ -30,8 +34,21 @@ def schema_of(path: Path) -> tuple[int, list[str]]:
     return version, names
 
 
+def make_behind(path: Path) -> None:
+    """A spool that exists with a schema behind the current one, which only the child migrates: built by the
+    migrations up to the version before the current one when there is one; else (schema 1) by hand, a version-0
+    file with a table already in it (not fresh: the open hands it to the child, which runs every migration)."""
+    if SCHEMA_VERSION > 1:
+        build = [sys.executable, "-m", "edgeagent.spool.schema", str(path), str(SCHEMA_VERSION - 1)]
+        subprocess.run(build, check=True, cwd=REPO)
+        return
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE leftover (x)")
+    conn.close()
+
+
 def hold_write_lock(path: Path) -> sqlite3.Connection:
-    """A writer's lock on `path` (an empty file): the schema child can read, but waits to write."""
+    """A writer's lock on `path`: the schema child can read, but waits to write."""
     holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     holder.execute("BEGIN IMMEDIATE")
     return holder
@@ -39,6 +56,7 @@ def hold_write_lock(path: Path) -> sqlite3.Connection:
 
 def test_a_spool_opened_while_its_early_child_runs_waits_for_it_and_gets_the_schema(tmp_path: Path) -> None:
     path = tmp_path / "spool.db"
+    make_behind(path)
     holder = hold_write_lock(path)  # the child cannot finish before Spool.open waits for it
     child = SchemaChild.start_if_behind(path, "auto")
     assert child is not None
@@ -62,11 +80,16 @@ def test_a_spool_opened_while_its_early_child_runs_waits_for_it_and_gets_the_sch
     spool.close()
     assert running_when_waited == [True]
     assert child.process.returncode == 0, "the early child did the work: not killed and replaced by another"
-    assert schema_of(path) == (SCHEMA_VERSION, TABLES)
+    assert schema_of(path)[0] == SCHEMA_VERSION and set(TABLES) <= set(schema_of(path)[1])
 
 
-def test_no_early_child_for_a_current_or_newer_schema(tmp_path: Path) -> None:
+def test_no_early_child_for_a_missing_fresh_current_or_newer_schema(tmp_path: Path) -> None:
+    """No file, an empty one (Spool.open creates the schema in-process), a current or a newer schema: no child."""
     path = tmp_path / "spool.db"
+    assert SchemaChild.start_if_behind(path, "auto") is None
+    assert not path.exists(), "looking did not create the file"
+    path.touch(mode=0o600)
+    assert SchemaChild.start_if_behind(path, "auto") is None
     Spool.open(path).close()
     assert SchemaChild.start_if_behind(path, "auto") is None
     with sqlite3.connect(path) as conn:
@@ -81,7 +104,7 @@ def test_a_full_disk_met_by_the_early_child_is_reported_as_before(tmp_path: Path
     nothing is quarantined."""
     with tmpfs(tmp_path / "disk", "1m") as disk:
         path = disk / "spool.db"
-        path.touch(mode=0o600)
+        make_behind(path)
         fill(disk)
         child = SchemaChild.start_if_behind(path, "auto")
         assert child is not None
@@ -95,22 +118,29 @@ def test_a_full_disk_met_by_the_early_child_is_reported_as_before(tmp_path: Path
         assert sorted(p.name for p in disk.iterdir()) == ["filler", "spool.db"]
 
 
-def corrupt_schema_page(path: Path) -> None:
-    """A spool file whose header reads (user_version 0) but whose table of tables is damaged."""
+def corrupt_free_pages(path: Path) -> None:
+    """A behind spool whose header and table of tables read, but whose free-page list is damaged: the child
+    meets the damage when its first CREATE TABLE takes a free page."""
+    make_behind(path)
     with sqlite3.connect(path) as conn:
-        conn.execute("PRAGMA page_size = 1024")
-        conn.execute("CREATE TABLE t (x)")
+        conn.execute("CREATE TABLE filler (x)")
+        conn.executemany("INSERT INTO filler VALUES (randomblob(3000))", [()] * 20)
+        conn.execute("DROP TABLE filler")
+    conn.close()
     with open(path, "r+b") as f:
-        f.seek(100)  # page 1's b-tree header, right after the 100-byte file header
+        header = f.read(100)
+        page_size, first_trunk = struct.unpack(">H", header[16:18])[0], struct.unpack(">I", header[32:36])[0]
+        page_size = 65536 if page_size == 1 else page_size
+        f.seek((first_trunk - 1) * page_size)
         f.write(b"\xff" * 8)
 
 
 def test_a_corrupt_file_met_by_the_early_child_is_quarantined_as_before(tmp_path: Path) -> None:
     path = tmp_path / "early" / "spool.db"
     path.parent.mkdir()
-    corrupt_schema_page(path)
+    corrupt_free_pages(path)
     child = SchemaChild.start_if_behind(path, "auto")
-    assert child is not None, "the header reads: the child starts and finds the damage"
+    assert child is not None, "the header and the schema read: the child starts and finds the damage"
     spool = Spool.open(path, schema_child=child)
     spool.close()
     assert child.process.returncode == 3
@@ -120,10 +150,28 @@ def test_a_corrupt_file_met_by_the_early_child_is_quarantined_as_before(tmp_path
     # The same file without an early child: the same outcome.
     other = tmp_path / "own" / "spool.db"
     other.parent.mkdir()
-    corrupt_schema_page(other)
+    corrupt_free_pages(other)
     own = Spool.open(other)
     own.close()
     assert own.events[0].split(";")[0].replace(str(other), "X") == spool.events[0].split(";")[0].replace(str(path), "X")
+
+
+def test_a_fresh_looking_file_with_a_corrupt_schema_is_quarantined_without_a_child(tmp_path: Path) -> None:
+    """Header version 0 but a damaged table of tables: no early child; the open finds the damage in-process,
+    quarantines the file and creates a new one from the snapshot."""
+    path = tmp_path / "spool.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE t (x)")
+    conn.close()
+    with open(path, "r+b") as f:
+        f.seek(100)  # page 1's b-tree header, right after the 100-byte file header
+        f.write(b"\xff" * 8)
+    assert SchemaChild.start_if_behind(path, "auto") is None
+    spool = Spool.open(path)
+    spool.close()
+    assert "is corrupt (" in spool.events[0]
+    assert schema_of(path) == (SCHEMA_VERSION, TABLES)
+    assert len(list(path.parent.glob("spool.db.*-*"))) == 1
 
 
 def schema_children(parent: int) -> list[int]:
@@ -158,6 +206,7 @@ def test_an_agent_stopped_while_its_schema_child_runs_leaves_no_child(
     child goes with it (before, a kill -9 left it running until SQLite's 10 s busy timeout)."""
     agent = make_agent('state_dir = "{state_dir}"\n' + QUIET)
     agent.state_dir.mkdir(mode=0o700)
+    make_behind(agent.state_dir / "spool.db")
     holder = hold_write_lock(agent.state_dir / "spool.db")
     try:
         agent.start(wait_ready=False)

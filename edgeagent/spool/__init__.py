@@ -23,8 +23,12 @@ What it guarantees (design.md):
 Modules, bottom up:
 - `database`: connect, pragmas, schema version, quick_check, quarantine,
   transactions, and the errors that tell corrupt from unavailable;
-- `schema`: the tables and their migrations (sqlite-utils, run in a child
-  process so the agent never imports it);
+- `snapshot`: the current schema (`SCHEMA_VERSION`, its CREATE statements),
+  created in-process in a fresh file, in one transaction;
+- `schema`: the migrations (sqlite-utils, run in a child process so the agent
+  never imports it), what defines the schema: only a spool that exists at an
+  older version goes through them, and a test keeps `snapshot` identical to
+  what they build;
 - `salvage`: copying what can be read out of a quarantined file;
 - `opening`: `SpoolBase`, opening, run-time recovery and the reserve file;
 - `state`: positions, boots, counters and status;
@@ -32,8 +36,9 @@ Modules, bottom up:
 
 The names below are imported on first use (PEP 562), not when the package is:
 `from edgeagent.spool import Spool` works as usual, and the schema child
-(`python -m edgeagent.spool.schema`) loads only `schema`, not the rest of the
-spool and their imports (about 10 ms of the child's CPU, measured).
+(`python -m edgeagent.spool.schema`) loads only `schema` and `snapshot`, not
+the rest of the spool and their imports (about 10 ms of the child's CPU,
+measured).
 """
 
 from __future__ import annotations
@@ -44,10 +49,11 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from edgeagent.errors import SpoolError, SpoolUnavailable
     from edgeagent.spool.chunks import Eviction, NewChunk, Spool, StoredChunk
-    from edgeagent.spool.database import SCHEMA_VERSION, SchemaChild, is_corruption, wal_limit_for
+    from edgeagent.spool.database import SchemaChild, is_corruption, wal_limit_for
+    from edgeagent.spool.snapshot import SCHEMA_VERSION
 
 _HOMES = {
-    "SCHEMA_VERSION": "edgeagent.spool.database",
+    "SCHEMA_VERSION": "edgeagent.spool.snapshot",
     "Eviction": "edgeagent.spool.chunks",
     "NewChunk": "edgeagent.spool.chunks",
     "SchemaChild": "edgeagent.spool.database",

@@ -10,7 +10,9 @@ Corruption: only SQLITE_CORRUPT / SQLITE_NOTADB, a failed quick_check or a
 failed checksum count (`is_corruption`). Such a file is moved aside as
 `spool.db.corrupt-<time>` (`quarantine`) and salvaged (see `salvage`).
 
-Schema work runs in a child process (`SchemaChild`: `python -m
+A fresh file (user_version 0, no tables) gets the current schema in-process
+from `snapshot`, in one transaction. Only a file that exists at an older
+version is migrated, in a child process (`SchemaChild`: `python -m
 edgeagent.spool.schema`), so the agent never imports sqlite-utils. `edgeagent
 run` starts that child as soon as its config is parsed (`start_if_behind`), so
 it runs on another core while the agent imports its modules; `Spool.open` then
@@ -35,11 +37,11 @@ from pathlib import Path
 from typing import Any
 
 from edgeagent.errors import SpoolError
+from edgeagent.spool.snapshot import SCHEMA_VERSION, create_if_fresh, schema_state
 from edgeagent.statedir import filesystem_type
 
 log = logging.getLogger("edgeagent.spool")
 
-SCHEMA_VERSION = 1
 _VACUUM_SLACK = 1024 * 1024
 _DISK_MARGIN = 64 * 1024
 _SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
@@ -148,29 +150,34 @@ def _connect(
     return conn, mode
 
 
-def _schema_version(path: Path) -> int:
-    probe = sqlite3.connect(path, isolation_level=None, timeout=10.0)
+def _create_if_fresh(path: Path, exclusive: bool) -> int:
+    """The file's schema version, after creating the current schema from `snapshot` if the file is fresh."""
+    conn = sqlite3.connect(path, isolation_level=None, timeout=10.0)
     try:
-        return int(probe.execute("PRAGMA user_version").fetchone()[0])
+        if exclusive:
+            conn.execute("PRAGMA locking_mode = EXCLUSIVE")
+        return create_if_fresh(conn)
     finally:
-        probe.close()
+        conn.close()
 
 
 def _migrate(path: Path, exclusive: bool, started: SchemaChild | None = None) -> None:
     """Bring the schema to `SCHEMA_VERSION`, or refuse a newer one.
 
-    Schema work (sqlite-utils) runs in a short-lived child process: the
-    agent itself never imports sqlite-utils and its dependencies (click,
-    dateutil, pluggy: 4 MiB of RSS kept for the life of the daemon).
-    `started`, a child `edgeagent run` started early for this file, is waited
-    for first; its failure is raised here as that of a child started now.
+    A fresh file gets the current schema in-process (`snapshot`: no child,
+    no sqlite-utils). A file at an older version is migrated in a
+    short-lived child process: the agent itself never imports sqlite-utils
+    and its dependencies (click, dateutil, pluggy: 4 MiB of RSS kept for the
+    life of the daemon). `started`, a child `edgeagent run` started early for
+    this file, is waited for first; its failure is raised here as that of a
+    child started now.
     """
     if started is not None:
         if (started.path, started.exclusive) == (path, exclusive):
             started.result()
         else:
             started.stop()
-    version = _schema_version(path)
+    version = _create_if_fresh(path, exclusive)
     if version > SCHEMA_VERSION:
         raise SpoolError(
             f"{path} was written by a newer edgeagent (spool schema {version}, this version reads up to "
@@ -182,7 +189,8 @@ def _migrate(path: Path, exclusive: bool, started: SchemaChild | None = None) ->
 
 class SchemaChild:
     """`python -m edgeagent.spool.schema PATH SCHEMA_VERSION [--exclusive]`
-    running for one spool file: it creates or migrates the schema, and exits 3
+    running for one spool file: it migrates the schema (or creates it, in a
+    version-0 file that already has other tables), and exits 3
     with `sqlite error <code>: <message>` on stderr when SQLite fails.
 
     Wait for it with `result()` or end it with `stop()` (both reap it: no
@@ -207,11 +215,20 @@ class SchemaChild:
     @classmethod
     def start_if_behind(cls, path: Path, journal: str) -> SchemaChild | None:
         """Start the child for the spool at `path` (its directory must exist)
-        when its schema is behind, for `Spool.open(schema_child=...)` to wait
-        for. None when the schema is current, newer, or cannot be read: then
-        `Spool.open` does and reports everything itself, as without this."""
+        when the file exists with a schema behind (an older version, or
+        version 0 with tables already in it), for `Spool.open(schema_child=...)`
+        to wait for. None when there is no file, it is fresh (`Spool.open`
+        creates its schema in-process), current, newer, or cannot be read:
+        then `Spool.open` does and reports everything itself."""
+        if not path.exists():
+            return None
         try:
-            if _schema_version(path) >= SCHEMA_VERSION:
+            probe = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=10.0)
+            try:
+                version, has_schema = schema_state(probe)
+            finally:
+                probe.close()
+            if version >= SCHEMA_VERSION or not (version or has_schema):
                 return None
             return cls(path, _journal_mode(path, journal) == "exclusive")
         except (sqlite3.Error, OSError):

@@ -1,13 +1,15 @@
-"""Spool schema creation and migrations (sqlite-utils).
+"""Spool schema migrations (sqlite-utils): what defines the schema.
 
 Run as `python -m edgeagent.spool.schema SPOOL_PATH VERSION [--exclusive]` by
-the spool (`database.SchemaChild`) when the file's `user_version` is behind the
-version the agent reads (`SCHEMA_VERSION`, passed as VERSION), in a child
+the spool (`database.SchemaChild`) when the file exists at a version behind
+the one the agent reads (`SCHEMA_VERSION`, passed as VERSION), in a child
 process, so a running agent never carries sqlite-utils (and click, dateutil,
-pluggy) in RAM. This module imports nothing else of edgeagent (the package's
-`__init__` loads its modules lazily), so the child pays only for the
-interpreter, sqlite3 and sqlite-utils, whose plugins it neither looks for nor
-runs. Each migration step takes the spool from version N to N+1 inside one
+pluggy) in RAM. A fresh file does not come here: the agent creates it from
+`snapshot`, which a test keeps identical to what these migrations build from
+version 0 (and this child still can). This module imports nothing else of
+edgeagent but `snapshot` (the package's `__init__` loads its modules lazily),
+so the child pays only for the interpreter, sqlite3 and sqlite-utils, whose
+plugins it neither looks for nor runs. Each migration step takes the spool from version N to N+1 inside one
 transaction; a spool written by a newer version is refused by the caller. A
 failure is reported as `sqlite error <code>: <message>` on stderr (exit 3), so
 the caller can tell a corrupt file from a disk that is full or failing.
@@ -19,6 +21,8 @@ import sqlite3
 import sys
 
 import sqlite_utils
+
+from edgeagent.spool.snapshot import set_new_file_layout
 
 
 def _v1(db: sqlite_utils.Database) -> None:
@@ -67,8 +71,8 @@ def _v1(db: sqlite_utils.Database) -> None:
     db.execute(db.create_table_sql("status", {"key": str, "value": str, "updated_ns": int}, pk="key"))
 
 
+# Adding a step: also bump snapshot.SCHEMA_VERSION and update snapshot.TABLES (tests/test_schema_snapshot.py).
 MIGRATIONS = {0: _v1}
-PAGE_SIZE = 1024  # of spools created from now on; an existing spool keeps its own
 
 
 def migrate(conn: sqlite3.Connection, current: int, target: int) -> None:
@@ -77,12 +81,7 @@ def migrate(conn: sqlite3.Connection, current: int, target: int) -> None:
     # third-party code on the spool's connection.
     db = sqlite_utils.Database(conn, execute_plugins=False)
     if current == 0 and not db.table_names():
-        # Both only take effect before the first table exists (and before WAL mode writes page 1), and
-        # page_size only before auto_vacuum (which fixes the page size of the empty file).
-        # A commit writes every page it touches in full: 1 KiB pages make a trickle commit (a small chunk, its
-        # positions, counters) a quarter of the WAL bytes of 4 KiB ones (docs/spool.md, "Flash wear").
-        conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
-        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        set_new_file_layout(conn)
     for version in range(current, target):
         conn.execute("BEGIN IMMEDIATE")
         try:
