@@ -112,8 +112,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     lock, schema_child = statedir.RunLock(cfg.state_dir), None
     try:
-        # The state dir and its lock first, so that the spool's schema child can start now and run on another
-        # core while the agent imports its modules (`Spool.open` waits for it).
+        # The state dir and its lock first, so that the spool's schema child (for a spool at an older version
+        # only; a fresh one gets its schema in-process) can start now and run on another core while the agent
+        # imports its modules (`Spool.open` waits for it).
         os.umask(0o077)
         statedir.prepare(cfg.state_dir)  # again in the agent, which logs its warnings
         lock.acquire()
