@@ -126,7 +126,8 @@ class RamHold:
     def _gate(self) -> None:
         """Pause the file sources while more than `HOLD_PAUSE_BYTES` of held chunks
         are on their way to the receiver (some in flight, or acknowledgements
-        came just now), for at most `PAUSE_MAX`: delivery that keeps up paces
+        came just now, or the spool just opened and the uploader is still
+        connecting), for at most `PAUSE_MAX`: delivery that keeps up paces
         the reading, the file keeps what is not read yet, and nothing more
         reaches flash. Room is left for the chunks already read. A slow or
         broken link does not acknowledge in time: reading goes on and what

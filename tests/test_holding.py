@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -291,6 +292,34 @@ def test_file_sources_pause_while_ram_is_full_of_chunks_on_their_way_and_resume_
         assert not waiter.done()
         spool.ack([c.id for c in sent])  # the receiver caught up
         await asyncio.wait_for(waiter, 1)
+        assert on_disk(tmp_path / "spool.db")[0] == []
+
+    asyncio.run(scenario())
+
+
+def test_an_uploader_still_connecting_at_start_gets_the_pause_before_a_bulk_read_goes_to_flash(
+    tmp_path: Path,
+) -> None:
+    """Reading a file is faster than connecting: right after the spool opens, nothing is in flight yet and no
+    acknowledgement came, but the file sources still pause (at most PAUSE_MAX) once half the RAM tier is full,
+    as if an acknowledgement had just come, instead of writing the rest of the read to flash."""
+
+    async def scenario() -> None:
+        opened = time.monotonic()
+        spool = Spool.open(tmp_path / "spool.db")
+        b = batcher(spool, chunk_max_records=200)
+        waiter = None
+        for i in range(10):  # chunks of ~200 KB compressed, none handed to an uploader
+            b.add(big_lines(tmp_path, 200, i + 1, first=200 * i))
+            await until(lambda: not b.pending_records, "compressed behind and held")
+            waiter = asyncio.ensure_future(b.wait_ram_room())
+            await asyncio.sleep(0)
+            if spool.held.payload_bytes > holding.HOLD_PAUSE_BYTES:
+                break
+        assert waiter is not None and spool.held.payload_bytes > holding.HOLD_PAUSE_BYTES
+        if time.monotonic() - opened < holding.PAUSE_MAX / 2:  # (a very slow machine is past the grace)
+            assert not waiter.done()
+        await asyncio.wait_for(waiter, holding.PAUSE_MAX + 1)  # never acknowledged: reading goes on
         assert on_disk(tmp_path / "spool.db")[0] == []
 
     asyncio.run(scenario())
