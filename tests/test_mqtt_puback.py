@@ -5,6 +5,7 @@ packets that take many writes."""
 
 from __future__ import annotations
 
+import ast
 import os
 import time
 from collections.abc import Callable
@@ -236,3 +237,18 @@ def test_what_a_message_handler_publishes_goes_out_without_blocking_the_loop(
     assert sorted(m.payload for m in listener.received()) == [b"ping qos 0", b"ping qos 1"]
     outcomes = h.call(lambda: [f.done() and f.result().ok for f in results])
     assert outcomes == [True, True] and h.call(h.session.status)["connections"] == 1
+
+
+def test_the_agent_imports_only_paho_modules_that_paho_2_0_and_2_1_have() -> None:
+    """pyproject allows paho-mqtt >= 2.0, and Debian-based images and the QEMU guests install 2.1, which has no
+    `paho.mqtt.exception` (2.2 moved `MalformedPacket` there): importing it stopped the agent at start."""
+    available = {"client", "enums", "matcher", "packettypes", "properties", "publish", "reasoncodes", "subscribe"}
+    available |= {"subscribeoptions"}  # the modules of paho-mqtt 2.1.0
+    package = Path(__file__).resolve().parent.parent / "edgeagent"
+    used = set()
+    for source in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names += [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            used |= {(source.name, n) for n in names if n.startswith("paho.mqtt.")}
+    assert {(f, n) for f, n in used if n.split(".")[2] not in available} == set()

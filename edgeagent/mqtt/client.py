@@ -67,9 +67,11 @@ _defer_import("urllib.request")
 import paho.mqtt.client as paho_client  # noqa: E402
 from paho.mqtt.client import Client  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion  # noqa: E402
-from paho.mqtt.exception import MalformedPacket  # noqa: E402
 from paho.mqtt.packettypes import PacketTypes  # noqa: E402
-from paho.mqtt.properties import Properties  # noqa: E402
+
+# From `properties`, not `exception`: paho 2.2 moved it there and re-exports it; 2.0 and 2.1 (what Debian-based
+# images and the QEMU guests install) have no `paho.mqtt.exception`, and the agent failed to start on them.
+from paho.mqtt.properties import MalformedPacket, Properties  # noqa: E402
 from paho.mqtt.reasoncodes import ReasonCode  # noqa: E402
 
 from edgeagent import tls  # noqa: E402
