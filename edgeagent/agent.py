@@ -45,7 +45,7 @@ from edgeagent.pipeline import (
     UploaderContext,
 )
 from edgeagent.records import Batch, Record
-from edgeagent.spool import SchemaChild, Spool, SpoolUnavailable
+from edgeagent.spool import Spool, SpoolUnavailable
 
 log = logging.getLogger("edgeagent")
 
@@ -119,10 +119,7 @@ def check_files(config: Config) -> None:
 
 
 class Agent:
-    def __init__(
-        self, config: Config, lock: statedir.RunLock | None = None, schema_child: SchemaChild | None = None
-    ) -> None:
-        """`lock` may be taken already and `schema_child` started (`edgeagent run` does both early)."""
+    def __init__(self, config: Config) -> None:
         self.config = config
         self.spool: Spool | None = None
         self.boot_id = clock.boot_id()
@@ -141,8 +138,7 @@ class Agent:
         self._heap = _Heap()
         self._fleet: Any = None  # edgeagent.fleet.device.FleetDevice when [fleet] is enabled
         self._fleet_task: asyncio.Task[None] | None = None
-        self._lock = lock or statedir.RunLock(config.state_dir)
-        self._schema_child = schema_child  # waited for by the first `Spool.open`
+        self._lock = statedir.RunLock(config.state_dir)
         self._mqtt = SessionKeeper(lambda: self.spool.backlog() if self.spool is not None else {})
         self.restart_for_tls = False  # `run()` executes the agent again once it stopped (edgeagent.tls)
 
@@ -158,7 +154,9 @@ class Agent:
             loop.add_signal_handler(sig, handler)
         os.umask(0o077)  # everything created in state_dir is the agent's user's only
         warnings = statedir.prepare(self.config.state_dir)
-        self._lock.acquire()  # before the spool: a second agent must not touch it (no-op when taken already)
+        # Only now, with the signal handlers in place, does the lock name this process: `edgeagent wake`
+        # (SIGUSR1) and `status` find the agent through it, and a SIGUSR1 before its handler kills.
+        self._lock.acquire()  # before the spool: a second agent must not touch it
         for warning in warnings:
             log.warning("%s", warning)
         try:
@@ -233,7 +231,6 @@ class Agent:
         (the files are left as they are) until it works or a stop is asked."""
         delay, last = 1.0, ""
         while True:
-            schema_child, self._schema_child = self._schema_child, None
             try:
                 spool = Spool.open(
                     self.config.spool_path,
@@ -242,7 +239,6 @@ class Agent:
                     journal=self.config.spool.journal,
                     dead_letters_max=self.config.spool.dead_letters_max,
                     check_payload=ChunkCodec().decode,
-                    schema_child=schema_child,
                 )
             except SpoolUnavailable as e:
                 if str(e) != last:
@@ -592,9 +588,9 @@ class _Heap:
             self._malloc_trim(0)
 
 
-def run(config: Config, lock: statedir.RunLock | None = None, schema_child: SchemaChild | None = None) -> int:
+def run(config: Config) -> int:
     service.configure_logging(config.log_level, config.log_format)
-    agent = Agent(config, lock, schema_child)
+    agent = Agent(config)
     code = asyncio.run(agent.run())
     if agent.restart_for_tls:  # what was not committed is read again at this next start
         tls.restart_with_tls()

@@ -105,31 +105,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         from edgeagent import tls
 
         tls.keep_out()  # before asyncio and paho import ssl: 4.5 MiB of RSS
-    from edgeagent import statedir
+    from edgeagent import agent
     from edgeagent.config import ConfigError
     from edgeagent.errors import AlreadyRunning, SpoolError
-    from edgeagent.spool import SchemaChild
 
-    lock, schema_child = statedir.RunLock(cfg.state_dir), None
     try:
-        # The state dir and its lock first, so that the spool's schema child (for a spool at an older version
-        # only; a fresh one gets its schema in-process) can start now and run on another core while the agent
-        # imports its modules (`Spool.open` waits for it).
-        os.umask(0o077)
-        statedir.prepare(cfg.state_dir)  # again in the agent, which logs its warnings
-        lock.acquire()
-        schema_child = SchemaChild.start_if_behind(cfg.spool_path, cfg.spool.journal)
-        from edgeagent import agent
-
-        return agent.run(cfg, lock, schema_child)
+        return agent.run(cfg)
     except (SpoolError, AlreadyRunning) as e:
         raise CliError(str(e)) from None
     except ConfigError as e:
         raise CliError(str(e), EXIT_CONFIG) from None
-    finally:
-        if schema_child is not None:
-            schema_child.stop()
-        lock.release()
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

@@ -89,10 +89,7 @@ class RunLock:
         self._note: str | None = None
 
     def acquire(self) -> None:
-        """Take the lock or raise AlreadyRunning (at once, never waits).
-        Nothing to do when this object holds it already."""
-        if self._fd >= 0:
-            return
+        """Take the lock or raise AlreadyRunning (at once, never waits)."""
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

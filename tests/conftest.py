@@ -167,7 +167,8 @@ class AgentProcess:
 
     def ready(self) -> bool:
         if self.proc is None or self.proc.poll() is not None:
-            raise AssertionError(f"agent exited early:\n{self.stderr()}")
+            code = self.proc.returncode if self.proc is not None else None
+            raise AssertionError(f"agent exited early (exit code {code}):\n{self.stderr()}")
         st = self.status()
         return st.get("agent", {}).get("pid") == self.proc.pid and st.get("agent", {}).get("state") == "running"
 

@@ -1,7 +1,8 @@
-"""The spool's schema child started early: `edgeagent run` starts it as soon
-as the config is parsed, when the spool exists with a schema behind, and
-`Spool.open` waits for it. Real SQLite files, real child processes, a real full
-tmpfs and real `edgeagent run` processes."""
+"""The spool's schema child: `Spool.open` migrates a spool that exists with a
+schema behind in a child process, and reports what the child met exactly as
+it would have in-process (full disk: unavailable; damage: quarantine). Real
+SQLite files, real child processes, a real full tmpfs and real `edgeagent run`
+processes."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import pytest
 from conftest import REPO, wait_for
 from disk import fill, tmpfs
 
-from edgeagent.spool import SCHEMA_VERSION, SchemaChild, Spool, SpoolError, SpoolUnavailable
+from edgeagent.spool import SCHEMA_VERSION, Spool, SpoolError, SpoolUnavailable
 
 QUIET = '[kmsg]\nenabled = false\n[upload]\nto = "none"\n'
 TABLES = ["boots", "chunks", "counters", "dead_letters", "positions", "sqlite_sequence", "status"]
@@ -54,68 +55,35 @@ def hold_write_lock(path: Path) -> sqlite3.Connection:
     return holder
 
 
-def test_a_spool_opened_while_its_early_child_runs_waits_for_it_and_gets_the_schema(tmp_path: Path) -> None:
+def test_a_spool_behind_is_migrated_by_a_child_and_a_newer_one_refused(tmp_path: Path) -> None:
     path = tmp_path / "spool.db"
     make_behind(path)
-    holder = hold_write_lock(path)  # the child cannot finish before Spool.open waits for it
-    child = SchemaChild.start_if_behind(path, "auto")
-    assert child is not None
-    waiting = threading.Event()
-    running_when_waited: list[bool] = []
-    result = child.result
-
-    def result_noting_the_wait() -> None:
-        running_when_waited.append(child.process.poll() is None)
-        waiting.set()
-        result()
-
-    child.result = result_noting_the_wait  # type: ignore[method-assign]
-    releaser = threading.Thread(target=lambda: (waiting.wait(30), holder.execute("ROLLBACK")))
+    holder = hold_write_lock(path)  # the child waits for the writer: Spool.open waits for the child
+    releaser = threading.Timer(0.5, lambda: holder.execute("ROLLBACK"))
     releaser.start()
     try:
-        spool = Spool.open(path, schema_child=child)
+        Spool.open(path).close()
     finally:
         releaser.join()
         holder.close()
-    spool.close()
-    assert running_when_waited == [True]
-    assert child.process.returncode == 0, "the early child did the work: not killed and replaced by another"
     assert schema_of(path)[0] == SCHEMA_VERSION and set(TABLES) <= set(schema_of(path)[1])
-
-
-def test_no_early_child_for_a_missing_fresh_current_or_newer_schema(tmp_path: Path) -> None:
-    """No file, an empty one (Spool.open creates the schema in-process), a current or a newer schema: no child."""
-    path = tmp_path / "spool.db"
-    assert SchemaChild.start_if_behind(path, "auto") is None
-    assert not path.exists(), "looking did not create the file"
-    path.touch(mode=0o600)
-    assert SchemaChild.start_if_behind(path, "auto") is None
-    Spool.open(path).close()
-    assert SchemaChild.start_if_behind(path, "auto") is None
     with sqlite3.connect(path) as conn:
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
-    assert SchemaChild.start_if_behind(path, "auto") is None
+    conn.close()
     with pytest.raises(SpoolError, match="newer edgeagent"):
         Spool.open(path)
 
 
-def test_a_full_disk_met_by_the_early_child_is_reported_as_before(tmp_path: Path) -> None:
-    """SQLITE_FULL from the early child: the same SpoolUnavailable as from a child Spool.open starts, and
-    nothing is quarantined."""
+def test_a_full_disk_met_by_the_child_is_unavailable_and_quarantines_nothing(tmp_path: Path) -> None:
     with tmpfs(tmp_path / "disk", "1m") as disk:
         path = disk / "spool.db"
         make_behind(path)
+        before = path.read_bytes()
         fill(disk)
-        child = SchemaChild.start_if_behind(path, "auto")
-        assert child is not None
-        with pytest.raises(SpoolUnavailable) as early:
-            Spool.open(path, schema_child=child)
-        assert child.process.returncode == 3
-        with pytest.raises(SpoolUnavailable) as own:
+        with pytest.raises(SpoolUnavailable, match="sqlite error 13"):  # SQLITE_FULL
             Spool.open(path)
-        assert str(early.value) == str(own.value)
-        assert "sqlite error 13" in str(early.value)  # SQLITE_FULL
         assert sorted(p.name for p in disk.iterdir()) == ["filler", "spool.db"]
+        assert path.read_bytes() == before
 
 
 def corrupt_free_pages(path: Path) -> None:
@@ -135,30 +103,19 @@ def corrupt_free_pages(path: Path) -> None:
         f.write(b"\xff" * 8)
 
 
-def test_a_corrupt_file_met_by_the_early_child_is_quarantined_as_before(tmp_path: Path) -> None:
-    path = tmp_path / "early" / "spool.db"
-    path.parent.mkdir()
+def test_a_corrupt_file_met_by_the_child_is_quarantined(tmp_path: Path) -> None:
+    path = tmp_path / "spool.db"
     corrupt_free_pages(path)
-    child = SchemaChild.start_if_behind(path, "auto")
-    assert child is not None, "the header and the schema read: the child starts and finds the damage"
-    spool = Spool.open(path, schema_child=child)
+    spool = Spool.open(path)
     spool.close()
-    assert child.process.returncode == 3
     assert len(spool.events) >= 1 and "is corrupt (sqlite error 11" in spool.events[0]
     assert schema_of(path) == (SCHEMA_VERSION, TABLES)
     assert len(list(path.parent.glob("spool.db.*-*"))) == 1
-    # The same file without an early child: the same outcome.
-    other = tmp_path / "own" / "spool.db"
-    other.parent.mkdir()
-    corrupt_free_pages(other)
-    own = Spool.open(other)
-    own.close()
-    assert own.events[0].split(";")[0].replace(str(other), "X") == spool.events[0].split(";")[0].replace(str(path), "X")
 
 
 def test_a_fresh_looking_file_with_a_corrupt_schema_is_quarantined_without_a_child(tmp_path: Path) -> None:
-    """Header version 0 but a damaged table of tables: no early child; the open finds the damage in-process,
-    quarantines the file and creates a new one from the snapshot."""
+    """Header version 0 but a damaged table of tables: the open finds the damage in-process, quarantines the
+    file and creates a new one from the snapshot."""
     path = tmp_path / "spool.db"
     with sqlite3.connect(path) as conn:
         conn.execute("CREATE TABLE t (x)")
@@ -166,7 +123,6 @@ def test_a_fresh_looking_file_with_a_corrupt_schema_is_quarantined_without_a_chi
     with open(path, "r+b") as f:
         f.seek(100)  # page 1's b-tree header, right after the 100-byte file header
         f.write(b"\xff" * 8)
-    assert SchemaChild.start_if_behind(path, "auto") is None
     spool = Spool.open(path)
     spool.close()
     assert "is corrupt (" in spool.events[0]

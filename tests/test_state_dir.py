@@ -204,3 +204,20 @@ def test_status_and_wake_while_the_spool_is_unavailable_at_start_up(tmp_path: Pa
         filler.unlink()
         wait_for(agent.ready, 30, 0.5, what="the agent running once space is back")
         assert agent.stop() == 0
+
+
+@pytest.mark.parametrize("sig", ["SIGUSR1", "SIGHUP", "SIGUSR2"])
+def test_a_signal_the_moment_the_run_lock_names_the_agent_is_handled(tmp_path: Path, make_agent: Any, sig: str) -> None:
+    """`wake` (SIGUSR1) and `status` find the agent by its run lock; SIGHUP reloads it. The lock names the
+    process only once its handlers are in place: a signal sent the first moment the lock shows its pid is
+    handled, never the default action that ends a process silently (CI found `wake` killing an agent that
+    took the lock before it imported its modules)."""
+    from edgeagent.statedir import holder
+
+    agent = make_agent('state_dir = "{state_dir}"\n' + QUIET)
+    agent.start(wait_ready=False)
+    pid = wait_for(lambda: holder(agent.state_dir)[0], 30, 0.001, what="the run lock naming the agent")
+    assert pid == agent.proc.pid
+    os.kill(pid, getattr(signal, sig))
+    wait_for(agent.ready, 30, 0.1, what="the agent running after the signal")
+    assert agent.stop() == 0

@@ -13,12 +13,8 @@ failed checksum count (`is_corruption`). Such a file is moved aside as
 A fresh file (user_version 0, no tables) gets the current schema in-process
 from `snapshot`, in one transaction. Only a file that exists at an older
 version is migrated, in a child process (`SchemaChild`: `python -m
-edgeagent.spool.schema`), so the agent never imports sqlite-utils. `edgeagent
-run` starts that child as soon as its config is parsed (`start_if_behind`), so
-it runs on another core while the agent imports its modules; `Spool.open` then
-waits for it, and reports its failure exactly as that of a child it started
-itself. The child dies with the agent (PR_SET_PDEATHSIG). Every file is
-created 0600.
+edgeagent.spool.schema`), so the agent never imports sqlite-utils. The child
+dies with the agent (PR_SET_PDEATHSIG). Every file is created 0600.
 """
 
 from __future__ import annotations
@@ -37,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeagent.errors import SpoolError
-from edgeagent.spool.snapshot import SCHEMA_VERSION, create_if_fresh, schema_state
+from edgeagent.spool.snapshot import SCHEMA_VERSION, create_if_fresh
 from edgeagent.statedir import filesystem_type
 
 log = logging.getLogger("edgeagent.spool")
@@ -110,13 +106,10 @@ def _journal_mode(path: Path, journal: str) -> str:
     return journal
 
 
-def _connect(
-    path: Path, durability: str, journal: str, max_size: int, schema_child: SchemaChild | None = None
-) -> tuple[sqlite3.Connection, str]:
-    """Connect, migrate and check. Raises sqlite3 errors (corrupt or not).
-    `schema_child`: one already started for this file (see `_migrate`)."""
+def _connect(path: Path, durability: str, journal: str, max_size: int) -> tuple[sqlite3.Connection, str]:
+    """Connect, migrate and check. Raises sqlite3 errors (corrupt or not)."""
     mode = _journal_mode(path, journal)
-    _migrate(path, mode == "exclusive", schema_child)
+    _migrate(path, mode == "exclusive")
     conn = sqlite3.connect(path, isolation_level=None, timeout=10.0)
     try:
         conn.execute("PRAGMA busy_timeout = 10000")
@@ -161,22 +154,16 @@ def _create_if_fresh(path: Path, exclusive: bool) -> int:
         conn.close()
 
 
-def _migrate(path: Path, exclusive: bool, started: SchemaChild | None = None) -> None:
+def _migrate(path: Path, exclusive: bool) -> None:
     """Bring the schema to `SCHEMA_VERSION`, or refuse a newer one.
 
     A fresh file gets the current schema in-process (`snapshot`: no child,
     no sqlite-utils). A file at an older version is migrated in a
     short-lived child process: the agent itself never imports sqlite-utils
     and its dependencies (click, dateutil, pluggy: 4 MiB of RSS kept for the
-    life of the daemon). `started`, a child `edgeagent run` started early for
-    this file, is waited for first; its failure is raised here as that of a
-    child started now.
+    life of the daemon). Upgrades are rare; a fresh spool, the common first
+    start, needs no child.
     """
-    if started is not None:
-        if (started.path, started.exclusive) == (path, exclusive):
-            started.result()
-        else:
-            started.stop()
     version = _create_if_fresh(path, exclusive)
     if version > SCHEMA_VERSION:
         raise SpoolError(
@@ -211,28 +198,6 @@ class SchemaChild:
             text=True,
             preexec_fn=_die_with_parent(),
         )
-
-    @classmethod
-    def start_if_behind(cls, path: Path, journal: str) -> SchemaChild | None:
-        """Start the child for the spool at `path` (its directory must exist)
-        when the file exists with a schema behind (an older version, or
-        version 0 with tables already in it), for `Spool.open(schema_child=...)`
-        to wait for. None when there is no file, it is fresh (`Spool.open`
-        creates its schema in-process), current, newer, or cannot be read:
-        then `Spool.open` does and reports everything itself."""
-        if not path.exists():
-            return None
-        try:
-            probe = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=10.0)
-            try:
-                version, has_schema = schema_state(probe)
-            finally:
-                probe.close()
-            if version >= SCHEMA_VERSION or not (version or has_schema):
-                return None
-            return cls(path, _journal_mode(path, journal) == "exclusive")
-        except (sqlite3.Error, OSError):
-            return None
 
     def result(self) -> None:
         """Wait for the child; raise what its failure means: `_Corrupt`

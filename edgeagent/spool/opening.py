@@ -27,7 +27,6 @@ from edgeagent.spool.database import (
     _FILE_MODE,
     _VACUUM_SLACK,
     SCHEMA_VERSION,
-    SchemaChild,
     _connect,
     _quarantine,
     _secure_files,
@@ -79,32 +78,13 @@ class SpoolBase:
         journal: str = "auto",
         dead_letters_max: int = 4 * 1024**2,
         check_payload: PayloadCheck | None = None,
-        schema_child: SchemaChild | None = None,
     ) -> Self:
         """Open (create, migrate, check) the spool. Raises SpoolUnavailable when
         the disk or file cannot be used now (the files are left as they were),
         SpoolError when it never will be. Only a corrupt file is moved aside.
         `check_payload` (the codec's decode; it raises ValueError for a payload
-        it cannot decode) decides which chunks a salvage keeps, besides CRC32.
-        `schema_child` (`SchemaChild.start_if_behind`, started earlier for this
-        file) is waited for instead of starting one; it is reaped in any case."""
-        try:
-            return cls._open(Path(path), max_size, durability, journal, dead_letters_max, check_payload, schema_child)
-        finally:
-            if schema_child is not None:
-                schema_child.stop()
-
-    @classmethod
-    def _open(
-        cls,
-        path: Path,
-        max_size: int,
-        durability: str,
-        journal: str,
-        dead_letters_max: int,
-        check_payload: PayloadCheck | None,
-        schema_child: SchemaChild | None,
-    ) -> Self:
+        it cannot decode) decides which chunks a salvage keeps, besides CRC32."""
+        path = Path(path)
         try:
             path.parent.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
         except OSError as e:
@@ -119,7 +99,7 @@ class SpoolBase:
         try:
             _secure_files(path)
             try:
-                conn, mode = _connect(path, durability, journal, max_size, schema_child)
+                conn, mode = _connect(path, durability, journal, max_size)
             except sqlite3.Error as e:
                 if not is_corruption(e):
                     raise
