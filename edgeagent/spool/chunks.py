@@ -71,6 +71,12 @@ class NewChunk:
     id: int = 0  # 0: the spool assigns the next one of its sequence
     chunk_id: str = ""  # the stable id receivers deduplicate by; empty: a random one
 
+    def with_payload(self, payload: bytes) -> NewChunk:
+        """This chunk with another `payload` (its compressed one): what `dataclasses.replace`
+        does, at a fraction of its cost (the batcher does it for every chunk)."""
+        return NewChunk(payload, self.records, self.raw_bytes, self.max_severity, self.boot_id, self.clock_offset_ns,
+                        self.clock_synced, self.created_ns, self.id, self.chunk_id)  # fmt: skip
+
 
 @dataclass(frozen=True, slots=True)
 class StoredChunk:
