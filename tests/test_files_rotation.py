@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 from test_files_harness import Harness, files_config
 
+from edgeagent.sources.files import identity
+from edgeagent.sources.files.tail import Tailer
+
 
 def run(coro: object) -> None:
     asyncio.run(coro)  # type: ignore[arg-type]
@@ -348,6 +351,45 @@ def test_copytruncate_while_the_writer_goes_on_sends_each_line_once(tmp_path: Pa
         copied = {int(b.split()[1]) for b in bodies if b.startswith("a ")}
         assert copied == set(range(max(copied) + 1)) and max(copied) >= 500
         assert sorted(bodies) == sorted([*expected("a", 0, max(copied) + 1), *expected("b", 0, 10), "end of the copy"])
+        await h.stop()
+
+    run(scenario())
+
+
+def test_copytruncate_truncating_while_the_copy_is_compared_sends_each_line_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """logrotate truncates the file while the source compares the copy with it: the source found the original
+    intact, then read it short (truncated meanwhile). That is the truncation, not a copy that differs: the copy
+    must not be read from where the short read ended (under CPU load that sent 600 lines twice). The truncation
+    is made at that very instant, right after the source's check of the original, from inside the check."""
+    log, copy = tmp_path / "app.log", tmp_path / "app.log.1"
+    log.write_bytes(lines("a", 0, 1000))
+    truncated_at: list[int] = []
+    check_of_the_original = identity.rewritten
+
+    def check_then_truncate(t: Tailer, size: int) -> bool:
+        result = check_of_the_original(t, size)
+        if t.path == str(log) and not truncated_at:
+            truncated_at.append(size)
+            os.truncate(log, 0)  # logrotate's ftruncate, between the check and the read of the original
+        return result
+
+    monkeypatch.setattr(identity, "rewritten", check_then_truncate)
+
+    async def scenario() -> None:
+        h = Harness(files_config(tmp_path / "state", include=[str(tmp_path / "*")], exclude=["*.gz"]))
+        await h.start()
+        await h.wait_lines(1000)
+        shutil.copyfile(log, copy)
+        await h.wait(lambda: truncated_at, what="the source comparing the copy with the original")
+        with open(log, "ab") as writer:
+            writer.write(lines("b", 0, 10))
+        with open(copy, "ab") as writer:
+            writer.write(b"end of the copy\n")  # read after anything the copy would send twice
+        await h.wait(lambda: {"b 9", "end of the copy"} <= set(h.bodies()), what="both files read to their end")
+        assert sorted(h.bodies()) == sorted([*expected("a", 0, 1000), *expected("b", 0, 10), "end of the copy"])
+        assert h.loss_reports() == []
         await h.stop()
 
     run(scenario())

@@ -15,8 +15,10 @@ Owns the `Identity` part of `FileSource`:
   it as it grows and nothing is read from it while it holds only the
   original's bytes; when the original is truncated or let go it is read from
   where the original had been read up to, and where it differs it is read on
-  its own from that line. So `cp` still writing the copy when it is noticed,
-  and a writer still appending while it copies, send no line twice;
+  its own from that line (an original found shorter while they are compared
+  was truncated meanwhile: no difference). So `cp` still writing the copy when
+  it is noticed, a writer still appending while it copies, and the truncation
+  landing while the copy is compared send no line twice;
 - truncation: the rest of what was not read is read from the copy (found by
   fingerprint next to the file), else the loss is reported; then the file is
   read again from its start;
@@ -142,6 +144,11 @@ class Identity(FileSourceState):
             n = min(end - t.verified, t.group.block_size)
             mine, theirs = os.pread(t.fd, n, t.verified), os.pread(o.fd, n, t.verified)
             if mine != theirs:
+                if rewritten(o, os.fstat(o.fd).st_size):
+                    # Truncated after the check above, before or while its bytes were read (logrotate runs
+                    # meanwhile): `theirs` came short, which is no difference. The truncation is handled first.
+                    self._dirty.update({o: None, t: None})
+                    return False
                 self._diverged(t, t.verified + first_difference(mine, theirs))
                 return True
             t.verified += n
