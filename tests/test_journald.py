@@ -23,6 +23,7 @@ JOURNAL_REMOTE = "/lib/systemd/systemd-journal-remote"
 JOURNALCTL = shutil.which("journalctl")
 BOOT = "0123456789abcdef0123456789abcdef"
 OTHER_BOOT = "fedcba9876543210fedcba9876543210"
+NEXT_BOOT = "00112233445566778899aabbccddeeff"  # a boot after OTHER_BOOT (a reboot)
 
 needs_tools = pytest.mark.skipif(
     not Path(JOURNAL_REMOTE).exists() or JOURNALCTL is None,
@@ -41,7 +42,9 @@ def export_entry(fields: dict[str, str | bytes]) -> bytes:
     return out + b"\n"
 
 
-def numbered_entries(tag: str, first: int, count: int, unit: str = "app.service") -> list[dict[str, str | bytes]]:
+def numbered_entries(
+    tag: str, first: int, count: int, unit: str = "app.service", boot: str = OTHER_BOOT
+) -> list[dict[str, str | bytes]]:
     # Like one journald on one boot: an entry written later has later realtime and monotonic timestamps
     # (journalctl orders entries of the same boot by their monotonic time).
     now_us, mono_us = int(time.time() * 1e6), int(time.monotonic() * 1e6)
@@ -49,7 +52,7 @@ def numbered_entries(tag: str, first: int, count: int, unit: str = "app.service"
         {
             "__REALTIME_TIMESTAMP": str(now_us + n),
             "__MONOTONIC_TIMESTAMP": str(mono_us + n),
-            "_BOOT_ID": OTHER_BOOT,
+            "_BOOT_ID": boot,
             "MESSAGE": f"{tag} {n} payload={n * 7919 % 10007:05d}",
             "PRIORITY": str(n % 8),
             "_SYSTEMD_UNIT": unit,
@@ -196,11 +199,11 @@ start_at = "end"
     )
     source = JournaldSource(cfg)
     assert source.command(None) == [
-        "journalctl", "-o", "export", "--no-pager", "--system", "--follow", "--lines=0",
+        "journalctl", "-o", "export", "--no-pager", "--system", "--follow", "--merge", "--lines=0",
         "--unit", "a.service", "--unit", "b.service", "--priority=0..4",
         "_TRANSPORT=kernel", "+", "SYSLOG_IDENTIFIER=x",
     ]  # fmt: skip
-    assert source.command("s=1;i=2")[5:9] == ["--follow", "--after-cursor", "s=1;i=2", "--no-tail"]
+    assert source.command("s=1;i=2")[5:10] == ["--follow", "--merge", "--after-cursor", "s=1;i=2", "--no-tail"]
     assert source.command("s=1;i=2", follow=False)[-2:] == ["--cursor", "s=1;i=2"]
     assert source.command(None, follow=False)[-2:] == ["--system", "--lines=1"]
 
@@ -265,6 +268,32 @@ def test_kill_9_mid_stream_loses_and_repeats_nothing(make_agent: Any, tmp_path: 
     assert len(got) == len(set(got)), f"{len(got) - len(set(got))} duplicates"
     assert sorted(got) == list(range(total + 2000))
     assert kills >= 1, "the agent was never killed mid-stream"
+    assert agent.stop() == 0
+
+
+@needs_tools
+def test_every_boot_is_read_at_the_first_start_and_across_a_reboot(make_agent: Any, tmp_path: Path) -> None:
+    """journalctl --follow implies --boot (the latest boot only) since systemd 250, and --after-cursor then
+    also skips that boot's first entry: a first start read only the latest boot (100 of 400 entries lost
+    here), and what a boot logged after the agent's last read and before a reboot was lost (101 of 200). The
+    agent follows with --merge, which turns that implication off."""
+    journal = tmp_path / "journal"
+    journal.mkdir()
+    write_journal(journal / "boot0.journal", numbered_entries("z", 0, 100, boot=BOOT))
+    write_journal(journal / "boot1-read.journal", numbered_entries("a", 0, 300))
+    agent = make_agent(config(journal))
+    agent.start()
+    wait_for(lambda: spooled(agent.state_dir) >= 400, 60, what="the entries of both boots")
+    assert agent.stop() == 0
+    # While the agent is stopped its boot logs on, then the device reboots and the next boot logs.
+    write_journal(journal / "boot1-unread.journal", numbered_entries("a", 300, 100))
+    write_journal(journal / "boot2.journal", numbered_entries("b", 0, 100, boot=NEXT_BOOT))
+    agent.start()
+    wait_for(lambda: spooled(agent.state_dir) >= 600, 60, what="the rest of the first boot and the next boot")
+    records = journal_records(agent.state_dir)
+    assert sorted(numbers(records, "z")) == list(range(100))
+    assert sorted(numbers(records, "a")) == list(range(400))
+    assert sorted(numbers(records, "b")) == list(range(100))
     assert agent.stop() == 0
 
 

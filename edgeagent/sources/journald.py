@@ -8,7 +8,8 @@ stored cursor is no longer in the journal.
 Position and exactly-once (guarantee 1): every batch carries the cursor of its last entry under the key
 "journald" ("journald:<directory>" for a directory), so the spool commits records and cursor in one
 transaction; the child is started with `--after-cursor` the stored one. Kill -9 at any point therefore
-neither loses nor repeats an entry.
+neither loses nor repeats an entry. Following reads every boot in the journal (`--merge`; journalctl's
+`--follow` alone keeps to the latest boot since systemd 250), so a reboot loses nothing either.
 
 A stored cursor that is no longer in the journal (vacuumed or rotated away while the agent was stopped) is
 detected before following (`journalctl --cursor C` must return C first); reading then starts at the oldest
@@ -249,7 +250,9 @@ class JournaldSource:
             args.append("--system")
         if not follow:
             return [*args, "--cursor", cursor] if cursor else [*args, "--lines=1"]
-        args.append("--follow")
+        # --merge: since systemd 250, --follow implies --boot (the latest boot only), and --after-cursor then
+        # skips that boot's first entry too: what a boot logged after the last read, before a reboot, was lost.
+        args += ["--follow", "--merge"]
         if cursor:
             # --no-tail too: --follow alone implies --lines=10, which stops after 10 entries past the cursor
             args += ["--after-cursor", cursor, "--no-tail"]
