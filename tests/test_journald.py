@@ -87,6 +87,40 @@ def spooled(state_dir: Path) -> int:
         spool.close()
 
 
+def wait_for_spooled(agent: Any, target: int, what: str, stalled_after: float = 60.0, limit: float = 600.0) -> int:
+    """Wait until the spool holds `target` records; fail once none was added for `stalled_after` seconds (a
+    stall: journalctl gives nothing, or nothing is read or committed) or after `limit`, saying what the agent
+    reports. Not a fixed time for the whole read: every commit of journal entries is synced, so that time
+    follows the disk's fsync latency (measured: with 1 s per fsync, resuming the 17600 entries after the
+    kills below took 36 s in 25 commits)."""
+    deadline = time.monotonic() + limit
+    last, last_progress = -1, time.monotonic()
+    while True:
+        count = spooled(agent.state_dir)
+        if count >= target:
+            return count
+        now = time.monotonic()
+        if count != last:
+            last, last_progress = count, now
+        if now - last_progress > stalled_after or now > deadline:
+            raise AssertionError(
+                f"{what}: {count} of {target} records spooled, none added for {now - last_progress:.0f} s\n"
+                + agent_report(agent)
+            )
+        time.sleep(0.2)
+
+
+def agent_report(agent: Any) -> str:
+    """What the agent says about its journald source, its spool and its journalctl children, for a failure."""
+    try:
+        status = agent.status()
+        state = {"journald": status.get("sources", {}).get("journald"), "agent": status.get("agent")}
+    except Exception as e:  # the report must not hide the failure it explains
+        state = {"status": f"unavailable: {e}"}
+    children = journalctl_children(agent.proc.pid) if agent.proc is not None else []
+    return f"status: {state}\njournalctl children: {children}\nagent stderr (end):\n{agent.stderr()[-3000:]}"
+
+
 def numbers(records: list[dict[str, Any]], tag: str) -> list[int]:
     return [int(r["body"].split()[1]) for r in records if r["body"].startswith(tag + " ")]
 
@@ -257,11 +291,11 @@ def test_kill_9_mid_stream_loses_and_repeats_nothing(make_agent: Any, tmp_path: 
             kills += 1
         agent.kill()
     agent.start()
-    wait_for(lambda: spooled(agent.state_dir) >= total, 180, interval=0.2, what="all entries")
+    wait_for_spooled(agent, total, "all entries")
     child = wait_for(lambda: journalctl_children(agent.proc.pid), 20, what="the journalctl child")[0]
     os.kill(child, signal.SIGKILL)
     write_journal(journal / "second.journal", numbered_entries("k", total, 2000))
-    wait_for(lambda: spooled(agent.state_dir) >= total + 2000, 120, interval=0.2, what="followed entries")
+    wait_for_spooled(agent, total + 2000, "followed entries")
     assert wait_for(lambda: agent.status()["sources"]["journald"]["restarts"] >= 1, 20, what="a journalctl restart")
     records = journal_records(agent.state_dir)
     got = numbers(records, "k")
