@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -160,6 +162,34 @@ def test_ack_and_reject_on_a_full_disk_are_recorded_or_retried(small_disk: Path)
     assert again.dead_letter_count() == 2
     assert again.counters()["acked_chunks"] == 3
     assert again.counters()["rejected_records"] == 5
+
+
+def test_the_reserve_released_on_a_disk_others_filled_is_not_room_to_evict_into(small_disk: Path) -> None:
+    """Another program filled the disk; an ack released the reserve. Those 256 KiB are the spool's own, given
+    back for deletions, not room the disk has: the next append must not evict to fit its budget into them
+    (before, it evicted 4 of 14 chunks here; in the degraded-storage run a chunk of 5,577 lines, and the
+    write failed anyway), nor after a restart (kill -9) while the disk is still full. The write fails and
+    waits, or fits; nothing is dropped."""
+    path = small_disk / "spool.db"
+    spool = Spool.open(path)
+    for n in range(15):
+        spool.append([_chunk(n)])
+    spool.checkpoint()  # an empty WAL: the ack needs new blocks, which only the reserve has
+    filler = fill(small_disk)
+    first = spool.oldest(15)
+    assert spool.ack([first[0].id]) == 1
+    for attempt in range(2):
+        with contextlib.suppress(sqlite3.OperationalError):  # disk full: the batcher keeps it and retries
+            spool.append([_chunk(100 + attempt)])
+        assert not spool.counters().get("evicted_chunks"), "evicted to make room another program took"
+        assert [c.id for c in spool.oldest(15)][: len(first) - 1] == [c.id for c in first[1:]]
+        spool.close()
+        spool = Spool.open(path)  # as after a kill -9: the disk is still full
+    filler.unlink()
+    spool.append([_chunk(200)])
+    assert [c.id for c in spool.oldest(20)][:14] == [c.id for c in first[1:]]
+    assert not spool.counters().get("evicted_chunks")
+    spool.close()
 
 
 def _chunk(n: int) -> NewChunk:

@@ -291,7 +291,7 @@ class Spool(SpoolState):
         and dead letters. Watching the filesystem keeps a spool whose cap is
         above the free space from ever hitting ENOSPC: a WAL that cannot be
         checkpointed on a full disk would stop all writes."""
-        cap = min(self.max_size, _disk_room(self.path))
+        cap = min(self.max_size, _disk_room(self.path, self.reserve_given_back()))
         reserve = wal_limit_for(cap) + min(_VACUUM_SLACK, cap // 16) + min(self.dead_letters_max, cap // 8)
         return max(cap - reserve, cap // 2)
 

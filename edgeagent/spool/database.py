@@ -77,17 +77,18 @@ def wal_limit_for(max_size: int) -> int:
     return min(max(max_size // 8, 256 * 1024), 4 * 1024 * 1024)
 
 
-def _disk_room(path: Path) -> int:
+def _disk_room(path: Path, own_free: int = 0) -> int:
     """Bytes the spool could occupy: its files now plus what the filesystem
     has free for unprivileged writers, less a small safety margin. When less
-    than the margin is free, something else filled the disk: evicting would
-    not make room for long, so the room is unbounded here and the next write
-    fails instead (the batcher waits; nothing is dropped)."""
+    than the margin is free, not counting `own_free` (the reserve the spool
+    released itself), something else filled the disk: evicting would not make
+    room for long, so the room is unbounded here and the next write fails
+    instead (the batcher waits; nothing is dropped)."""
     try:
         st = os.statvfs(path.parent)
     except OSError:
         return 1 << 62
-    if st.f_bavail * st.f_frsize < _DISK_MARGIN:
+    if st.f_bavail * st.f_frsize - own_free < _DISK_MARGIN:
         return 1 << 62
     used = 0
     for suffix in ("", "-wal"):

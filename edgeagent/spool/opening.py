@@ -8,7 +8,10 @@ corruption shows up while the agent runs (`_recover`).
 
 The reserve: a preallocated 256 KiB `spool.db.reserve` is kept next to the
 spool while the disk has room, and released on a full disk so that deletions
-(acks, rejects) can still commit: deleting is how space comes back.
+(acks, rejects) can still commit: deleting is how space comes back. Released
+means truncated to nothing, not deleted: the empty file says, across restarts,
+that the free space it gave back is the spool's own (`reserve_given_back`),
+not room the disk has, until the disk has room to preallocate it again.
 """
 
 from __future__ import annotations
@@ -148,7 +151,7 @@ class SpoolBase:
         """Keep a small preallocated file next to the spool while the disk has
         room. On a full disk it is released so that acknowledged chunks can
         still be deleted: deleting is how space comes back."""
-        if self.journal == "readonly" or self._reserve.exists():
+        if self.journal == "readonly" or (self._reserve.exists() and not self.reserve_given_back()):
             return
         try:
             st = os.statvfs(self.path.parent)
@@ -162,9 +165,20 @@ class SpoolBase:
         except OSError:
             self._reserve.unlink(missing_ok=True)
 
+    def reserve_given_back(self) -> int:
+        """Bytes of the reserve released to the file system (it is kept, empty,
+        until the disk has room for it again): free space that is the spool's
+        own, not room another program left."""
+        try:
+            return max(_RESERVE_BYTES - os.stat(self._reserve).st_size, 0)
+        except OSError:
+            return 0  # never created (a disk that never had the room) or removed by hand
+
     def _release_reserve(self) -> bool:
         try:
-            self._reserve.unlink()
+            if os.stat(self._reserve).st_size == 0:
+                return False
+            os.truncate(self._reserve, 0)
         except OSError:
             return False
         log.warning(
