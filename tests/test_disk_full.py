@@ -192,9 +192,32 @@ def test_the_reserve_released_on_a_disk_others_filled_is_not_room_to_evict_into(
     spool.close()
 
 
-def _chunk(n: int) -> NewChunk:
-    payload = zstandard.ZstdCompressor(write_checksum=True).compress(os.urandom(100_000))
-    return NewChunk(payload, 10, 100_000, 9, "boot", 0, True)
+def test_an_eviction_is_part_of_the_write_it_makes_room_for(small_disk: Path) -> None:
+    """Another program leaves 100 KiB free (above the 64 KiB that stops evictions): the spool evicts to fit
+    a 300 KiB chunk into its budget, but the write fails anyway (its WAL needs more than the disk has).
+    The eviction goes back with it: before, 8 of 15 chunks were deleted in a transaction of their own and
+    the write failed after it, so they were dropped for nothing and no loss record was shipped."""
+    spool = Spool.open(small_disk / "spool.db")
+    for n in range(15):
+        spool.append([_chunk(n)])
+    spool.checkpoint()
+    filler = fill(small_disk)
+    os.truncate(filler, filler.stat().st_size - 100 * 1024)
+    before = [c.id for c in spool.oldest(20)]
+    big = _chunk(99, 300_000)
+    with pytest.raises(sqlite3.OperationalError, match="full"):
+        spool.append([big])
+    assert not spool.counters().get("evicted_chunks"), "nothing may be dropped by a write that failed"
+    assert [c.id for c in spool.oldest(20)] == before
+    filler.unlink()
+    assert spool.append([big]) == []  # room again: stored, nothing evicted
+    assert [c.id for c in spool.oldest(20)][:15] == before
+    spool.close()
+
+
+def _chunk(n: int, size: int = 100_000) -> NewChunk:
+    payload = zstandard.ZstdCompressor(write_checksum=True).compress(os.urandom(size))
+    return NewChunk(payload, 10, size, 9, "boot", 0, True)
 
 
 def test_a_stall_neither_crashes_sources_nor_makes_them_read_twice(small_disk: Path) -> None:

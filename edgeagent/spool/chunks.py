@@ -18,7 +18,8 @@ time correction) write what is held first.
 Space (guarantee 4): the spool keeps the payload bytes it holds under
 `max_size` — or the room the filesystem has, if less — minus room for the WAL
 and free pages, evicting the least valuable chunks first (below WARN before
-the rest, oldest first) and counting what it dropped. Free pages go back to
+the rest, oldest first) and counting what it dropped, in the transaction of
+the write it makes room for (a write that fails drops nothing). Free pages go back to
 the filesystem by incremental vacuum once they exceed `_VACUUM_SLACK`; SQLite
 checkpoints the WAL every `wal_limit_for(cap)` bytes and truncates it to that
 size; the agent truncates it fully when it stops.
@@ -31,6 +32,7 @@ A chunk whose checksum no longer matches is dropped and counted, never sent.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sqlite3
 import time
@@ -102,6 +104,7 @@ class Eviction:
     oldest_ns: int
     newest_ns: int
     max_severity: int
+    ids: tuple[int, ...] = ()
 
 
 class Spool(SpoolState):
@@ -154,8 +157,9 @@ class Spool(SpoolState):
         synced = synced or any(e.durable for e in held)
         incoming = sum(len(c.payload) for c in chunks)
         try:
-            evictions = self._make_room(incoming) if chunks else []
-            self._insert(chunks, positions, counters, boot, synced)
+            # Evicted in the same transaction: a write that fails after all drops nothing.
+            eviction = self._victims(incoming) if chunks else None
+            self._insert(chunks, positions, counters, boot, synced, eviction)
         except sqlite3.DatabaseError as e:
             if not is_corruption(e):
                 raise
@@ -163,13 +167,15 @@ class Spool(SpoolState):
             # same treatment as at start-up, then the write goes to the new file.
             self._recover(str(e))
             self._next_id = max(self._next_id, self._max_id() + 1)
-            evictions = []
+            eviction = None
             self._insert(chunks, positions, counters, boot, synced)
         self._held.clear()
         self._payload_bytes += incoming
         self._chunk_count += len(chunks)
+        if eviction is not None:
+            self._evicted(eviction)
         self._ensure_reserve()
-        return evictions
+        return [eviction] if eviction is not None else []
 
     def _with_ids(self, chunks: Sequence[NewChunk]) -> list[NewChunk]:
         """`chunks` numbered from the spool's one sequence (held and stored chunks share it)."""
@@ -236,9 +242,14 @@ class Spool(SpoolState):
         counters: dict[str, int] | None,
         boot: tuple[str, int, bool] | None,
         synced: bool = True,
+        eviction: Eviction | None = None,
     ) -> None:
         now = time.time_ns()
         with self._write(synced=synced) as c:
+            if eviction is not None:
+                ev = eviction
+                _delete_ids(c, "chunks", ev.ids)
+                _bump(c, {"evicted_chunks": ev.chunks, "evicted_records": ev.records, "evicted_bytes": ev.bytes})
             if chunks:
                 c.executemany(
                     "INSERT INTO chunks (id, chunk_id, created_ns, boot_id, clock_offset_ns, clock_synced, records, "
@@ -295,12 +306,12 @@ class Spool(SpoolState):
         reserve = wal_limit_for(cap) + min(_VACUUM_SLACK, cap // 16) + min(self.dead_letters_max, cap // 8)
         return max(cap - reserve, cap // 2)
 
-    def _make_room(self, incoming: int, need: int = 0) -> list[Eviction]:
-        if not need:
-            budget = self._budget()
-            if self._payload_bytes + incoming <= budget:
-                return []
-            need = self._payload_bytes + incoming - budget
+    def _victims(self, incoming: int) -> Eviction | None:
+        """The least valuable chunks to drop so that `incoming` payload bytes
+        fit the budget (None: they fit); `_insert` deletes them."""
+        need = self._payload_bytes + incoming - self._budget()
+        if need <= 0:
+            return None
         victims = self._conn.execute(
             "SELECT id, records, length(payload), created_ns, max_severity FROM chunks "
             f"ORDER BY max_severity >= {_WARN}, id",
@@ -314,24 +325,24 @@ class Spool(SpoolState):
                 break
         victims.close()
         if not chosen:
-            return []
-        ids = [r[0] for r in chosen]
-        ev = Eviction(
+            return None
+        return Eviction(
             chunks=len(chosen),
             records=sum(r[1] for r in chosen),
             bytes=freed,
             oldest_ns=min(r[3] for r in chosen),
             newest_ns=max(r[3] for r in chosen),
             max_severity=max(r[4] for r in chosen),
+            ids=tuple(r[0] for r in chosen),
         )
-        with self._write(synced=False) as c:
-            _delete_ids(c, "chunks", ids)
-            _bump(c, {"evicted_chunks": ev.chunks, "evicted_records": ev.records, "evicted_bytes": ev.bytes})
-        self._payload_bytes -= freed
-        self._chunk_count -= len(chosen)
+
+    def _evicted(self, ev: Eviction) -> None:
+        """After the transaction that evicted `ev` committed."""
+        self._payload_bytes -= ev.bytes
+        self._chunk_count -= ev.chunks
         log.warning("spool full (%d bytes cap): evicted %d chunks, %d records", self.max_size, ev.chunks, ev.records)
-        self._vacuum()
-        return [ev]
+        with contextlib.suppress(sqlite3.OperationalError):  # the append is committed; vacuum again next time
+            self._vacuum()
 
     def ack(self, ids: Iterable[int]) -> int:
         """Delete acknowledged chunks. Returns how many were still there.
