@@ -395,6 +395,37 @@ def test_copytruncate_truncating_while_the_copy_is_compared_sends_each_line_once
     run(scenario())
 
 
+def test_copytruncate_with_window_lines_read_before_the_copy_is_noticed_sends_each_line_once(tmp_path: Path) -> None:
+    """The source read the lines written between the end of the copy and the truncation (the copytruncate
+    window, in time for once) and notices the copy only with the file already truncated: the copy is shorter
+    than what was read from the original. It is still that file's copy, with nothing left to read, not a new
+    file read from its start (under CPU load that sent 2019 lines twice)."""
+    log, copy = tmp_path / "app.log", tmp_path / "app.log.1"
+    log.write_bytes(lines("a", 0, 1000))
+
+    async def scenario() -> None:
+        h = Harness(files_config(tmp_path / "state", include=[str(tmp_path / "*")], exclude=["*.gz"]))
+        await h.start()
+        await h.wait_lines(1000)
+        copied = log.read_bytes()  # logrotate's copy is made now...
+        with open(log, "ab") as writer:
+            writer.write(lines("a", 1000, 5))  # ...the application writes on...
+        await h.wait_lines(1005)  # ...and the source reads those lines before it notices the copy,
+        copy.write_bytes(copied)  # which it first sees complete,
+        os.truncate(log, 0)  # with the file already truncated
+        with open(log, "ab") as writer:
+            writer.write(lines("b", 0, 10))
+        await h.wait(lambda: "b 9" in h.bodies(), what="the truncated file read again")
+        with open(copy, "ab") as writer:
+            writer.write(b"end of the copy\n")  # read after anything the copy would send twice
+        await h.wait(lambda: "end of the copy" in h.bodies(), what="the end of the copy")
+        assert sorted(h.bodies()) == sorted([*expected("a", 0, 1005), *expected("b", 0, 10), "end of the copy"])
+        assert h.loss_reports() == []
+        await h.stop()
+
+    run(scenario())
+
+
 def _logrotate() -> str:
     found = shutil.which("logrotate") or shutil.which("logrotate", path="/usr/sbin:/sbin")
     assert found, "logrotate is needed (tools/setup-env installs it)"

@@ -14,14 +14,16 @@ Owns the `Identity` part of `FileSource`:
   whatever its size when seen. It "shadows" the original: it is compared with
   it as it grows and nothing is read from it while it holds only the
   original's bytes; when the original is truncated or let go it is read from
-  where the original had been read up to, and where it differs it is read on
-  its own from that line (an original found shorter while they are compared
-  was truncated meanwhile: no difference). So `cp` still writing the copy when
-  it is noticed, a writer still appending while it copies, and the truncation
-  landing while the copy is compared send no line twice;
+  where the original had been read up to (its end if that is further), and
+  where it differs it is read on its own from that line (an original found
+  shorter while they are compared was truncated meanwhile: no difference). So
+  `cp` still writing the copy when it is noticed, a writer still appending
+  while it copies, and the truncation landing while the copy is compared send
+  no line twice;
 - truncation: the rest of what was not read is read from the copy (found by
-  fingerprint next to the file), else the loss is reported; then the file is
-  read again from its start;
+  fingerprint next to the file, also when it is shorter than what was read:
+  then nothing is left to read from it), else the loss is reported; then the
+  file is read again from its start;
 - letting go of rotated, deleted and copied files once read to their end.
 """
 
@@ -218,18 +220,22 @@ class Identity(FileSourceState):
         candidates: list[tuple[float, str, os.stat_result]] = []
         for path in paths:
             st = stat_path(path)
-            if st is None or not stat.S_ISREG(st.st_mode) or st.st_size < pos or st.st_size < fp_len:
+            if st is None or not stat.S_ISREG(st.st_mode) or st.st_size < fp_len:
                 continue
             ident = (st.st_dev, st.st_ino)
-            if ident == t.ident:
-                continue
-            if file_fingerprint(path, fp_len) != fp:
+            if ident == t.ident or file_fingerprint(path, fp_len) != fp:
                 continue
             tailed = self._tailers.get(ident)
-            if tailed is not None:  # the copy matches the include globs and is tailed already
-                if tailed.unidentified:  # not read yet: from where this file had been read up to
-                    tailed.unidentified, tailed.pos, tailed.skip = False, pos, t.skip
-                    self._stats["copies_recovered"] += 1
+            if tailed is not None and tailed.unidentified:  # a copy the include globs match, not read yet
+                # From where this file had been read up to; from its end if this file was read further (lines
+                # written after the copy was made, before the truncation, read here before it was truncated).
+                tailed.unidentified, tailed.pos = False, min(pos, st.st_size)
+                tailed.skip = t.skip and st.st_size >= pos
+                self._stats["copies_recovered"] += 1
+                return True
+            if st.st_size < pos:
+                continue
+            if tailed is not None:  # the copy is tailed already (and known as one)
                 return True
             candidates.append((st.st_mtime, path, st))
         for _, path, _ in sorted(candidates, reverse=True):
