@@ -237,7 +237,7 @@ start_at = "end"
         "--unit", "a.service", "--unit", "b.service", "--priority=0..4",
         "_TRANSPORT=kernel", "+", "SYSLOG_IDENTIFIER=x",
     ]  # fmt: skip
-    assert source.command("s=1;i=2")[5:10] == ["--follow", "--merge", "--after-cursor", "s=1;i=2", "--no-tail"]
+    assert source.command("s=1;i=2")[5:10] == ["--follow", "--merge", "--cursor", "s=1;i=2", "--no-tail"]
     assert source.command("s=1;i=2", follow=False)[-2:] == ["--cursor", "s=1;i=2"]
     assert source.command(None, follow=False)[-2:] == ["--system", "--lines=1"]
 
@@ -377,6 +377,35 @@ def test_start_at_end_reads_only_new_entries_across_a_restart(make_agent: Any, t
     assert not numbers(records, "before")
     assert sorted(numbers(records, "stopped")) == list(range(40))
     assert sorted(numbers(records, "running")) == list(range(60))
+    assert agent.stop() == 0
+
+
+@needs_tools
+def test_start_at_end_with_a_unit_filter_reads_the_first_matching_entry(make_agent: Any, tmp_path: Path) -> None:
+    """start_at = "end" stores the cursor of the journal's last entry, whatever unit it is of; journalctl before
+    systemd 255 started with --after-cursor and a filter the cursor's entry does not match skips the first entry
+    that matches (systemd issue 30288): the first entry logged for the unit was lost. The agent starts at the
+    cursor itself (--cursor) and drops the cursor's own entry."""
+    journal = tmp_path / "journal"
+    journal.mkdir()
+    write_journal(journal / "before.journal", numbered_entries("other", 0, 10, unit="other.service"))
+    agent = make_agent(config(journal, 'start_at = "end"\nunits = ["app.service"]'))
+    agent.start()
+    wait_for(lambda: agent.status()["sources"]["journald"].get("cursor"), 30, what="the cursor of the last entry")
+    assert agent.stop() == 0
+    write_journal(
+        journal / "after.journal",
+        numbered_entries("app", 0, 40) + numbered_entries("other", 10, 5, unit="other.service"),
+    )
+    agent.start()
+    wait_for(lambda: spooled(agent.state_dir) >= 40, 60, what="the unit's new entries")
+    assert agent.stop() == 0
+    write_journal(journal / "later.journal", numbered_entries("app", 40, 10))
+    agent.start()  # at the cursor of an entry it read, which matches: that one is not read twice
+    wait_for(lambda: spooled(agent.state_dir) >= 50, 60, what="the entries written while it was stopped")
+    records = journal_records(agent.state_dir)
+    assert sorted(numbers(records, "app")) == list(range(50))
+    assert not numbers(records, "other")
     assert agent.stop() == 0
 
 

@@ -7,9 +7,11 @@ stored cursor is no longer in the journal.
 
 Position and exactly-once (guarantee 1): every batch carries the cursor of its last entry under the key
 "journald" ("journald:<directory>" for a directory), so the spool commits records and cursor in one
-transaction; the child is started with `--after-cursor` the stored one. Kill -9 at any point therefore
-neither loses nor repeats an entry. Following reads every boot in the journal (`--merge`; journalctl's
-`--follow` alone keeps to the latest boot since systemd 250), so a reboot loses nothing either.
+transaction; the child is started at the stored one (`--cursor`, its own entry dropped: before systemd 255,
+`--after-cursor` skips the first entry that matches the filters when the cursor's entry does not). Kill -9
+at any point therefore neither loses nor repeats an entry. Following reads every boot in the journal
+(`--merge`; journalctl's `--follow` alone keeps to the latest boot since systemd 250), so a reboot loses
+nothing either.
 
 A stored cursor that is no longer in the journal (vacuumed or rotated away while the agent was stopped) is
 detected before following (`journalctl --cursor C` must return C first); reading then starts at the oldest
@@ -254,8 +256,10 @@ class JournaldSource:
         # skips that boot's first entry too: what a boot logged after the last read, before a reboot, was lost.
         args += ["--follow", "--merge"]
         if cursor:
-            # --no-tail too: --follow alone implies --lines=10, which stops after 10 entries past the cursor
-            args += ["--after-cursor", cursor, "--no-tail"]
+            # --cursor, not --after-cursor: with filters, journalctl before 255 skips the first entry that
+            # matches when the cursor's own entry does not (start_at = "end", changed filters); `_follow` drops
+            # the cursor's entry itself. --no-tail too: --follow alone implies --lines=10.
+            args += ["--cursor", cursor, "--no-tail"]
         else:
             args.append("--no-tail" if cfg.start_at == "beginning" else "--lines=0")
         for unit in cfg.units:
@@ -338,9 +342,14 @@ class JournaldSource:
         self._state, self._error = "running", None
         parser = ExportParser(self.cfg.max_message_size)
         boot_hex = boot_id_hex(ctx.boot_id)
+        handed_over = self._cursor  # listed first when it matches the filters: already handed over
         try:
             while data := await proc.stdout.read(READ_SIZE):
                 entries = parser.feed(data)
+                if entries and handed_over is not None:
+                    if entries[0].get("__CURSOR", b"").decode("ascii", "replace") == handed_over:
+                        entries = entries[1:]
+                    handed_over = None
                 if entries:
                     await ctx.emit(self._batch(ctx, entries, boot_hex))
         finally:
