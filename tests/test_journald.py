@@ -355,6 +355,39 @@ def test_vacuumed_cursor_resumes_at_the_oldest_entry_with_a_gap_record(make_agen
 
 
 @needs_tools
+def test_a_journalctl_slower_than_the_check_is_not_a_vacuumed_cursor(make_agent: Any, tmp_path: Path) -> None:
+    """journalctl that lists nothing within the 30 s check (a large journal on slow flash, a loaded machine)
+    was taken for a vacuumed cursor: a gap record that was false, and the whole journal read again (100
+    duplicates here). Now the check is asked again, with backoff. journalctl here is the real one behind a
+    wrapper that delays its first listing from a cursor by 35 s."""
+    journal = tmp_path / "journal"
+    journal.mkdir()
+    write_journal(journal / "first.journal", numbered_entries("s", 0, 100))
+    agent = make_agent(config(journal))
+    agent.start()
+    wait_for(lambda: spooled(agent.state_dir) >= 100, 60, what="the first entries")
+    assert agent.stop() == 0
+    slow = tmp_path / "slow-journalctl"
+    slow.write_text(
+        "#!/bin/sh\n"
+        f'case " $* " in *" --follow "*) ;; *" --cursor "*) [ -e "{tmp_path}/slowed" ] || '
+        f'{{ touch "{tmp_path}/slowed"; sleep 35; }} ;; esac\n'
+        f'exec {JOURNALCTL} "$@"\n'
+    )
+    slow.chmod(0o755)
+    agent.config_path.write_text(config(journal, f'journalctl = "{slow}"').replace("{state_dir}", str(agent.state_dir)))
+    agent.start()
+    write_journal(journal / "second.journal", numbered_entries("s", 100, 50))
+    wait_for(lambda: spooled(agent.state_dir) >= 150, 120, what="the entries written after the slow check")
+    records = journal_records(agent.state_dir)
+    got = numbers(records, "s")
+    assert sorted(got) == list(range(150)), f"{len(got) - len(set(got))} duplicates"
+    assert not [r for r in records if r["attributes"].get("edgeagent.loss.reason")]
+    assert agent.status()["counters"].get("journald_gaps", 0) == 0
+    assert agent.stop() == 0
+
+
+@needs_tools
 def test_start_at_end_reads_only_new_entries_across_a_restart(make_agent: Any, tmp_path: Path) -> None:
     """start_at = "end": the entries already there are skipped; the last one's cursor is stored at once, so
     entries written while the agent is stopped, before it ever read one, are still read."""

@@ -277,25 +277,37 @@ class JournaldSource:
         delay = RETRY_INITIAL
         try:
             while True:
-                if self._cursor is not None and await self._first_cursor(self._cursor) != self._cursor:
-                    self._report_gap(self._cursor)
-                    self._cursor, self._from_oldest = None, True
-                elif self._cursor is None and not self._from_oldest and self.cfg.start_at == "end":
-                    await self._start_at_end(ctx)
-                started = time.monotonic()
-                await self._follow(ctx)
-                if time.monotonic() - started > 10 * RETRY_MAX:
-                    delay = RETRY_INITIAL
-                self._stats["restarts"] += 1
+                try:
+                    await self._check_cursor(ctx)
+                except TimeoutError:
+                    self._fail(f"journalctl listed nothing within {CHECK_TIMEOUT:.0f} s; checking the cursor again")
+                else:
+                    started = time.monotonic()
+                    await self._follow(ctx)
+                    if time.monotonic() - started > 10 * RETRY_MAX:
+                        delay = RETRY_INITIAL
+                    self._stats["restarts"] += 1
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX)
         finally:
             await self._stop_child()
             self._state = "stopped"
 
+    async def _check_cursor(self, ctx: SourceContext) -> None:
+        """Before following: a stored cursor that is no longer in the journal is a gap (reading restarts at the
+        oldest entry); with no cursor and start_at = "end", the last entry's cursor is stored. Raises
+        TimeoutError when journalctl does not answer in time: a slow journal is not a vacuumed one (taking it
+        for one reported a gap that was not there and read the whole journal again)."""
+        if self._cursor is not None and await self._first_cursor(self._cursor) != self._cursor:
+            self._report_gap(self._cursor)
+            self._cursor, self._from_oldest = None, True
+        elif self._cursor is None and not self._from_oldest and self.cfg.start_at == "end":
+            await self._start_at_end(ctx)
+
     async def _first_cursor(self, cursor: str | None) -> str | None:
         """The cursor of the first entry `journalctl --cursor C` lists (`cursor` None: of the last entry in the
-        journal); None if there is none. The child is killed once the first line is read."""
+        journal); None if there is none. The child is killed once the first line is read; TimeoutError when
+        none came within CHECK_TIMEOUT."""
         try:
             proc = await asyncio.create_subprocess_exec(
                 *self.command(cursor, follow=False),
@@ -310,8 +322,6 @@ class JournaldSource:
         assert proc.stdout is not None
         try:
             first = await asyncio.wait_for(proc.stdout.readline(), CHECK_TIMEOUT)
-        except TimeoutError:
-            first = b""
         finally:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
