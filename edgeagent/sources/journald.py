@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
-import signal
 import struct
 import time
 from typing import Any
 
 from edgeagent import loss
+from edgeagent.children import die_with_parent
 from edgeagent.clock import monotonic_ns
 from edgeagent.config import Config
 from edgeagent.pipeline import SourceContext
@@ -213,13 +212,6 @@ def _event_time(entry: dict[str, bytes], boot_hex: str, offset_ns: int) -> int:
     return 0
 
 
-def _die_with_agent() -> None:
-    """Runs in the child before exec: the kernel kills journalctl when the agent dies, so a kill -9 of the
-    agent leaves no orphan following the journal (PR_SET_PDEATHSIG)."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)
-
-
 class JournaldSource:
     """The `pipeline.Source` for `[journald]`."""
 
@@ -314,7 +306,7 @@ class JournaldSource:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.DEVNULL,
-                preexec_fn=_die_with_agent,
+                preexec_fn=die_with_parent(),
             )
         except OSError as e:
             self._fail(f"cannot run {self.cfg.journalctl}: {e}")
@@ -342,7 +334,7 @@ class JournaldSource:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 limit=READ_SIZE,
-                preexec_fn=_die_with_agent,
+                preexec_fn=die_with_parent(),
             )
         except OSError as e:
             self._fail(f"cannot run {self.cfg.journalctl}: {e}")

@@ -23,15 +23,15 @@ import contextlib
 import logging
 import os
 import re
-import signal
 import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from edgeagent.children import die_with_parent
 from edgeagent.errors import SpoolError
 from edgeagent.spool.snapshot import SCHEMA_VERSION, create_if_fresh
 from edgeagent.statedir import filesystem_type
@@ -43,7 +43,6 @@ _DISK_MARGIN = 64 * 1024
 _SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
 _FILE_MODE, _DIR_MODE = 0o600, 0o700
 _SCHEMA_CHILD_TIMEOUT = 120.0  # seconds; SQLite's own busy timeout in the child is 10 s
-_PR_SET_PDEATHSIG = 1
 
 _CHUNK_COLUMNS = (
     "id, chunk_id, created_ns, boot_id, clock_offset_ns, clock_synced, records, raw_bytes, max_severity, payload, crc32"
@@ -197,7 +196,7 @@ class SchemaChild:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
-            preexec_fn=_die_with_parent(),
+            preexec_fn=die_with_parent(),
         )
 
     def result(self) -> None:
@@ -228,18 +227,6 @@ class SchemaChild:
             self.process.wait()
         if self.process.stderr is not None:
             self.process.stderr.close()
-
-
-def _die_with_parent() -> Callable[[], None] | None:
-    """What the child runs before exec to die with its parent, or None where
-    that cannot be had (a Python without ctypes, a C library without prctl)."""
-    try:
-        import ctypes
-
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (ImportError, OSError, AttributeError):
-        return None
-    return lambda: prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _quarantine(path: Path, reason: str) -> str:
