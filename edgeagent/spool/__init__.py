@@ -49,14 +49,13 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from edgeagent.errors import SpoolError, SpoolUnavailable
     from edgeagent.spool.chunks import Eviction, NewChunk, Spool, StoredChunk
-    from edgeagent.spool.database import SchemaChild, is_corruption, wal_limit_for
+    from edgeagent.spool.database import is_corruption, wal_limit_for
     from edgeagent.spool.snapshot import SCHEMA_VERSION
 
 _HOMES = {
     "SCHEMA_VERSION": "edgeagent.spool.snapshot",
     "Eviction": "edgeagent.spool.chunks",
     "NewChunk": "edgeagent.spool.chunks",
-    "SchemaChild": "edgeagent.spool.database",
     "Spool": "edgeagent.spool.chunks",
     "SpoolError": "edgeagent.errors",
     "SpoolUnavailable": "edgeagent.errors",
@@ -68,7 +67,6 @@ __all__ = [
     "SCHEMA_VERSION",
     "Eviction",
     "NewChunk",
-    "SchemaChild",
     "Spool",
     "SpoolError",
     "SpoolUnavailable",

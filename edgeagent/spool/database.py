@@ -182,13 +182,12 @@ class SchemaChild:
 
     Wait for it with `result()` or end it with `stop()` (both reap it: no
     zombie). The kernel kills the child when the thread that started it ends
-    (PR_SET_PDEATHSIG): an agent killed or stopped while the child runs (during
-    start-up, before it waits for the child) leaves no child behind.
+    (`children.die_with_parent`): an agent killed while the child runs leaves
+    no child behind.
     """
 
     def __init__(self, path: Path, exclusive: bool) -> None:
         self.path = path
-        self.exclusive = exclusive
         command = [sys.executable, "-m", "edgeagent.spool.schema", str(path), str(SCHEMA_VERSION)]
         self.process = subprocess.Popen(
             command + (["--exclusive"] if exclusive else []),
