@@ -246,8 +246,7 @@ class Spool(SpoolState):
     ) -> None:
         now = time.time_ns()
         with self._write(synced=synced) as c:
-            if eviction is not None:
-                ev = eviction
+            if (ev := eviction) is not None:
                 _delete_ids(c, "chunks", ev.ids)
                 _bump(c, {"evicted_chunks": ev.chunks, "evicted_records": ev.records, "evicted_bytes": ev.bytes})
             if chunks:

@@ -151,7 +151,7 @@ class SpoolBase:
         """Keep a small preallocated file next to the spool while the disk has
         room. On a full disk it is released so that acknowledged chunks can
         still be deleted: deleting is how space comes back."""
-        if self.journal == "readonly" or (self._reserve.exists() and not self.reserve_given_back()):
+        if self.journal == "readonly" or self._reserve_size() >= _RESERVE_BYTES:
             return
         try:
             st = os.statvfs(self.path.parent)
@@ -169,15 +169,20 @@ class SpoolBase:
         """Bytes of the reserve released to the file system (it is kept, empty,
         until the disk has room for it again): free space that is the spool's
         own, not room another program left."""
+        size = self._reserve_size()
+        return _RESERVE_BYTES - size if size >= 0 else 0  # -1: never created (no room then) or removed by hand
+
+    def _reserve_size(self) -> int:
+        """The reserve file's size; -1 when there is none. One stat: it runs for every append."""
         try:
-            return max(_RESERVE_BYTES - os.stat(self._reserve).st_size, 0)
+            return os.stat(self._reserve).st_size
         except OSError:
-            return 0  # never created (a disk that never had the room) or removed by hand
+            return -1
 
     def _release_reserve(self) -> bool:
+        if self._reserve_size() <= 0:
+            return False
         try:
-            if os.stat(self._reserve).st_size == 0:
-                return False
             os.truncate(self._reserve, 0)
         except OSError:
             return False
