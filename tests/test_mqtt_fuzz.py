@@ -16,13 +16,14 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import Broker, wait_for
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from mqtt_helpers import (
     RawBroker,
@@ -38,6 +39,7 @@ from mqtt_helpers import (
 from test_mqtt_uploader import config_text
 
 TOPIC = "edgeagent/gw-7/logs"
+SERVE_FOR = 3.0  # seconds a scripted connection is served at most
 DESIRED = "edgeagent/gw-7/config/desired"
 LINES_PER_EXAMPLE = 40
 
@@ -138,9 +140,13 @@ class FuzzBroker(RawBroker):
         for data in script:
             conn.sendall(data)
         conn.settimeout(0.3)
+        # At most SERVE_FOR per connection: a client whose PUBLISHes are refused for its credentials retries
+        # with its backoff (at most 300 ms here) on the same connection, so it may never go quiet for 0.3 s;
+        # the test then waited 30 s for a connection that was served all along (CI, answer 0x87).
+        end = time.monotonic() + SERVE_FOR
         with contextlib.suppress(OSError):
             # Whatever the client says, until it goes quiet or away; its PUBLISHes refused.
-            while (packet := read_packet(reader)) is not None:
+            while time.monotonic() < end and (packet := read_packet(reader)) is not None:
                 first, body = packet
                 if first >> 4 == 3 and (first >> 1) & 3 == 1 and answer is not None:
                     topic_end = 2 + int.from_bytes(body[:2], "big")
@@ -189,6 +195,8 @@ def run_fuzz(tmp_path: Path, broker: FuzzBroker, mosquitto: Broker, examples: in
             suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
         )
         @given(script=scripts, answer=st.one_of(st.none(), failure_codes))
+        # Found by CI: a broker that accepts the connection and refuses every PUBLISH as "not authorized".
+        @example(script=[b" \x0f\x00\x00\x0c'\x00\x07\xfb\x7f\x13\x00+\x1c\x00\x01(", b""], answer=0x87)
         def one_connection(script: list[bytes], answer: int | None) -> None:
             h.add_lines(lines[0], LINES_PER_EXAMPLE, LINES_PER_EXAMPLE)
             lines[0] += LINES_PER_EXAMPLE
