@@ -9,8 +9,8 @@ import argparse
 from pathlib import Path
 
 
-def add_fleet_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    fleet = commands.add_parser("fleet", help="operator tools: keys, pushing config, fleet status")
+def add_fleet_arguments(fleet: argparse.ArgumentParser) -> None:
+    """The sub-commands of `edgeagent fleet` and their arguments, added to its parser."""
     sub = fleet.add_subparsers(dest="fleet_command", metavar="FLEET_COMMAND", required=True)
     keygen = sub.add_parser("keygen", help="write an Ed25519 private key to OUT (0600) and its public key to OUT.pub")
     keygen.add_argument("out", type=Path, metavar="OUT")
