@@ -10,8 +10,9 @@ what of it was not ours (the subject, the broker, the harness with its sink/prox
 many there were.
 
 Subjects (all read the corpus file from the beginning; the goal is every line delivered and acknowledged):
-- `edgeagent-mqtt`: scenario 1 (MQTT 5 QoS 1 through the counting proxy to mosquitto); goal: the subscriber
-  saw the last line and the spool holds no chunk.
+- `edgeagent-mqtt`: scenario 1's agent (MQTT 5 QoS 1, straight to mosquitto; its wire bytes are the kernel's
+  count for its connection, read after the window); goal: the subscriber saw the last line and the spool
+  holds no chunk.
 - `edgeagent-otlp`: the same agent with `upload.to = "otlp_http"` (zstd) to the harness's OTLP/HTTP sink;
   goal: the sink received the last line and the spool holds no chunk.
 - `edgeagent-mqtt-spooled`: edgeagent-mqtt with `[spool] hold_file_lines = "0s"`: every chunk is written to
@@ -48,7 +49,6 @@ from common import (
     VENV_PYTHON,
     BenchError,
     Broker,
-    CountingProxy,
     Measured,
     NotAvailable,
     Subscriber,
@@ -56,6 +56,7 @@ from common import (
     cpu_times,
     machine_share,
     read_proc,
+    tcp_bytes_sent,
     wait_until,
 )
 from peers import fluent_bit_config
@@ -140,21 +141,21 @@ class Window:
 
 
 class OtlpSink:
-    """OTLP/HTTP logs endpoint on 127.0.0.1: keeps every decoded body with its arrival time, answers 200.
+    """OTLP/HTTP logs endpoint on 127.0.0.1: keeps every request body as received with its arrival time,
+    answers 200, and decodes afterwards.
 
-    zstd bodies are decoded as one stream across frames (what the Collector's confighttp decoder,
-    klauspost/compress zstd, does); `needle` is searched in each decoded body (C-level)."""
+    During the run it only reads and keeps bodies: decoding each as it came (as the sink once did) took
+    about 0.15 CPU s inside the window from the subject on this 2-core machine. `found.is_set()` searches
+    `needle` as `_NeedleSearch` does for MQTT: nothing while bodies keep coming, then the newest first.
+    zstd bodies are decoded as one stream across frames (what the OpenTelemetry Collector's confighttp
+    decoder, klauspost/compress zstd, does), then protobuf."""
 
     def __init__(self, needle: bytes) -> None:
-        import zstandard
-
         self.needle = needle
-        self.found = threading.Event()
-        self.bodies: list[tuple[float, bytes]] = []
+        self.found = _BodySearch(self, needle)
+        self.raw: list[tuple[float, str, bytes]] = []  # arrival, Content-Encoding, body as received
         self.wire_bytes = 0
         self.requests = 0
-        self.frames = 0
-        self.errors: list[str] = []
         sink = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -167,27 +168,9 @@ class OtlpSink:
                 length = int(self.headers.get("Content-Length", "0"))
                 raw = self.rfile.read(length)
                 head = len(self.raw_requestline) + len(str(self.headers))
-                try:
-                    encoding = self.headers.get("Content-Encoding", "")
-                    if encoding == "zstd":
-                        reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw), read_across_frames=True)
-                        body = reader.read()
-                        sink.frames += raw.count(b"\x28\xb5\x2f\xfd")  # magic numbers: about the frames sent
-                    elif encoding in ("", "identity"):
-                        body = raw
-                    else:
-                        raise ValueError(f"unexpected Content-Encoding {encoding!r}")
-                except Exception as e:
-                    sink.errors.append(f"{type(e).__name__}: {e}")
-                    self.send_response(400)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                sink.bodies.append((time.perf_counter(), body))
+                sink.raw.append((time.perf_counter(), self.headers.get("Content-Encoding", ""), raw))
                 sink.wire_bytes += head + length
                 sink.requests += 1
-                if sink.needle in body:
-                    sink.found.set()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-protobuf")
                 self.send_header("Content-Length", "0")
@@ -199,12 +182,70 @@ class OtlpSink:
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self._thread.start()
 
-    def records(self, start: int = 0) -> int:
-        return count_plain_records([body for _, body in self.bodies[start:]])
+    @staticmethod
+    def decode(encoding: str, raw: bytes) -> bytes:
+        """The protobuf of a body, as the Collector decodes it; ValueError names what is wrong."""
+        import zstandard
+
+        if encoding == "zstd":
+            try:
+                return zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw), read_across_frames=True).read()
+            except zstandard.ZstdError as e:
+                raise ValueError(f"zstd: {e}") from None
+        if encoding in ("", "identity"):
+            return raw
+        raise ValueError(f"unexpected Content-Encoding {encoding!r}")
+
+    @property
+    def frames(self) -> int:
+        """zstd magic numbers in the zstd bodies: about the frames sent."""
+        return sum(raw.count(b"\x28\xb5\x2f\xfd") for _, encoding, raw in self.raw if encoding == "zstd")
+
+    def records(self, start: int = 0, end: int | None = None) -> int:
+        """Log records in the bodies received from `start` to `end`; BenchError names a body that cannot be
+        decoded."""
+        bodies = []
+        for index, (_, encoding, raw) in enumerate(self.raw[start:end], start):
+            try:
+                bodies.append(self.decode(encoding, raw))
+            except ValueError as e:
+                raise BenchError(f"the sink could not decode body {index}: {e}") from None
+        return count_plain_records(bodies)
 
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class _BodySearch:
+    """`needle` in a body the sink received, searched only once bodies stop coming (see `_NeedleSearch`)."""
+
+    def __init__(self, sink: OtlpSink, needle: bytes) -> None:
+        self._sink = sink
+        self._needle = needle
+        self._searched: set[int] = set()
+        self._seen = 0
+        self._found = False
+
+    def is_set(self) -> bool:
+        if self._found:
+            return True
+        raw = self._sink.raw
+        count = len(raw)
+        arriving, self._seen = count > self._seen, count
+        if arriving:
+            return False
+        for i in range(count - 1, -1, -1):
+            if i not in self._searched:
+                self._searched.add(i)
+                _, encoding, body = raw[i]
+                try:
+                    if self._needle in OtlpSink.decode(encoding, body):
+                        self._found = True
+                        break
+                except ValueError:
+                    continue  # reported after the run
+        return self._found
 
 
 def count_plain_records(bodies: list[bytes]) -> int:
@@ -323,22 +364,38 @@ def agent_mqtt(w: Work, code: Path, name: str, spool_keys: str = "") -> dict[str
     broker = Broker(work / "broker")
     broker.start()
     assert broker.proc is not None
-    proxy = CountingProxy(broker.port)
     sub = Subscriber(broker.port, TOPIC, needle=w.last_line)
     window = Window(broker.proc.pid)
-    config = files_mqtt_config(w.corpus, proxy.port).replace("[spool]\n", "[spool]\n" + spool_keys)
+    config = files_mqtt_config(w.corpus, broker.port).replace("[spool]\n", "[spool]\n" + spool_keys)
     agent, state_dir = _start(work, config, code)
     try:
         wall, machine = _until_delivered(w, agent, state_dir, sub.found.is_set, window)
+        wire = _mqtt_wire_bytes(agent, state_dir, broker.port)
     finally:
         final = agent.stop()
         sub.close()
-        proxy.close()
         broker.stop()
     delivered = count_records(sub.payloads)
     if delivered != w.lines:
         raise BenchError(f"{name}: the subscriber got {delivered} records, not {w.lines}")
-    return _figures(w, wall, agent, final, proxy.up_bytes, len(sub.payloads), machine)
+    return _figures(w, wall, agent, final, wire, len(sub.payloads), machine)
+
+
+def _mqtt_wire_bytes(agent: Measured, state_dir: Path, broker_port: int) -> int:
+    """What the agent sent to the broker, read from the kernel after the window (no proxy in the path: a
+    Python proxy forwarding every byte took CPU from the agent on this 2-core machine). Only the open
+    connection is counted, so a run whose agent connected more than once is refused."""
+    sent = tcp_bytes_sent(agent.pid, broker_port)
+    peek = SpoolPeek(state_dir / "spool.db")
+    try:
+        connections = wait_until(lambda: peek.status("mqtt").get("connections"), 10, "the agent's MQTT status")
+    finally:
+        peek.close()
+    if len(sent) != 1 or connections != 1:
+        raise BenchError(
+            f"the agent made {connections} MQTT connection(s), {len(sent)} open: its wire bytes cannot be counted"
+        )
+    return sent[0]
 
 
 def agent_otlp(w: Work, code: Path, name: str) -> dict[str, Any]:
@@ -358,8 +415,6 @@ def agent_otlp(w: Work, code: Path, name: str) -> dict[str, Any]:
     finally:
         final = agent.stop()
         sink.close()
-    if sink.errors:
-        raise BenchError(f"{name}: the sink could not decode: {sink.errors[0]}")
     delivered = sink.records()
     if delivered != w.lines:
         raise BenchError(f"{name}: the sink got {delivered} records, not {w.lines}")
@@ -383,15 +438,15 @@ def fluent_bit(w: Work, binary: Path) -> dict[str, Any]:
         peer.check_alive("fluent-bit")
         if not sink.found.is_set():
             return False
-        n = len(sink.bodies)
-        counted[1] += sink.records(counted[0]) if n > counted[0] else 0
+        n = len(sink.raw)
+        counted[1] += sink.records(counted[0], n) if n > counted[0] else 0
         counted[0] = n
         return counted[1] >= w.lines
 
     try:
         wait_until(all_delivered, generous_timeout(w.lines) * 4, f"{w.lines} records at the sink from Fluent Bit", 0.05)
         # Wall: the arrival of the body that completed the count (counting happens after it arrived).
-        wall = sink.bodies[counted[0] - 1][0] - peer.started
+        wall = sink.raw[counted[0] - 1][0] - peer.started
         peer.mark()
         assert peer.marked is not None
         machine = window.close(peer.marked.cpu_s)
