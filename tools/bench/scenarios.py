@@ -27,6 +27,7 @@ from common import (
     OUT,
     REPO,
     VENV_PYTHON,
+    BenchError,
     Broker,
     CountingProxy,
     Measured,
@@ -162,7 +163,22 @@ def generous_timeout(lines: int) -> float:
 # --- references ---------------------------------------------------------------
 
 
+def check_reference_defaults() -> None:
+    """The references cut chunks and keep a window as the agent does by default: refuse to run them if the
+    agent's defaults moved (the sqlite reference's chunk size once stayed at 2 MiB after the agent's went
+    to 256 KiB, which made it cheaper by an eighth of the transactions)."""
+    import references
+
+    from edgeagent.config import SpoolConfig, UploadConfig
+
+    agent = (SpoolConfig().chunk_max_bytes, SpoolConfig().chunk_max_records, UploadConfig().window)
+    ours = (references.CHUNK_MAX_BYTES, references.CHUNK_MAX_RECORDS, references.WINDOW)
+    if agent != ours:
+        raise BenchError(f"references.py cuts chunks as {ours} (bytes, records, window), the agent as {agent}")
+
+
 def reference(name: str, corpus: Path, *extra: str) -> dict[str, Any]:
+    check_reference_defaults()
     out = OUT / "runs" / f"ref-{name}.json"
     figures = run_measured([str(VENV_PYTHON), str(REFERENCES), name, str(corpus), *extra], stdout_path=out)
     inner = json.loads(out.read_text())
