@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +150,7 @@ class AgentProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.stderr_path = config_path.with_suffix(".stderr")
         self.runs = 0
+        self.status_failure = ""  # why the last `status()` returned {}
 
     def start(self, wait_ready: bool = True) -> None:
         self.runs += 1
@@ -173,6 +174,7 @@ class AgentProcess:
         return st.get("agent", {}).get("pid") == self.proc.pid and st.get("agent", {}).get("state") == "running"
 
     def status(self) -> dict[str, Any]:
+        """`edgeagent status --json`; {} when it fails (why is kept in `status_failure`)."""
         out = subprocess.run(
             [sys.executable, "-m", "edgeagent", "status", "--json", "-c", str(self.config_path)],
             capture_output=True,
@@ -180,8 +182,31 @@ class AgentProcess:
             timeout=30,
         )
         if out.returncode != 0:
+            self.status_failure = f"`status` exited {out.returncode}: {out.stderr.decode(errors='replace').strip()}"
             return {}
+        self.status_failure = ""
         return json.loads(out.stdout)
+
+    def wait_status(self, check: Callable[[dict[str, Any]], Any], timeout: float = 20.0, what: str = "") -> Any:
+        """The first status for which `check(status)` is true, asked again until `timeout`: a key `check`
+        reads may be missing while the agent (re)builds a component (a reload moving the MQTT session),
+        which is "not yet", not an error. Fails showing the last status (or why `status` failed)."""
+        last: dict[str, Any] = {}
+
+        def passes() -> bool:
+            nonlocal last
+            last = self.status()
+            try:
+                return bool(check(last))
+            except (KeyError, TypeError):
+                return False
+
+        try:
+            wait_for(passes, timeout, 0.1, what=what or "the status")
+        except AssertionError as e:
+            shown = self.status_failure or json.dumps(last, sort_keys=True, default=str)
+            raise AssertionError(f"{e}; the last status: {shown}") from None
+        return last
 
     def kill(self) -> None:
         """SIGKILL: no flush, no goodbye."""

@@ -170,7 +170,7 @@ def test_a_reload_that_leaves_the_connection_alone_keeps_it_up(
     with log_file.open("ab") as f:
         f.write(b"".join(line_text(n) + b"\n" for n in range(100, 200)))
     wait_for(lambda: {n for ns in line_numbers(logs.received()) for n in ns} == set(range(200)), 30)
-    st = agent.status()
+    st = agent.wait_status(lambda s: "mqtt" in s, what="a status with the MQTT session")
     assert st["mqtt"]["connections"] == 1 and st["mqtt"]["connected"] and online_messages(status) == 1
     assert agent.stop() == 0
 
@@ -194,8 +194,8 @@ def test_a_reload_with_a_new_broker_moves_the_session(
         wait_for(lambda: agent.status().get("mqtt", {}).get("connected"), 30, what="connected to the first broker")
 
         reload_with(agent, agent_config(other, log_file))
-        wait_for(lambda: agent.status()["mqtt"]["broker"] == other.url, 30, what="a session for the new broker")
-        wait_for(lambda: agent.status()["mqtt"]["connected"], 30, what="connected to the new broker")
+        agent.wait_status(lambda s: s["mqtt"]["broker"] == other.url, 30, what="a session for the new broker")
+        agent.wait_status(lambda s: s["mqtt"]["connected"], 30, what="connected to the new broker")
         # The old connection said goodbye (not a will, which would come only after the keepalive).
         wait_for(lambda: any(json.loads(m.payload).get("reason") == "shutdown" for m in status.received()), 30)
         with log_file.open("ab") as f:
