@@ -163,6 +163,7 @@ class Agent:
             return await self._run_locked()
         finally:
             self._lock.release()
+            _ignore_requests(loop)
 
     async def _run_locked(self) -> int:
         self.spool = await self._open_spool()
@@ -537,6 +538,21 @@ class Agent:
         except Exception as e:
             if not stall:
                 log.warning("writing status failed: %s", e)
+
+
+# Signals that ask a running agent for something (`status`, `wake`, a reload). Once the agent stops serving
+# them their default action would end it: `status`, acting on a status read just before, made a stopping
+# agent exit -12, or killed it in its restart for TLS before the new process handled them. Ignored instead,
+# which an exec keeps until the new loop handles them again (a reload asked meanwhile reads the file anyway).
+_REQUESTS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def _ignore_requests(loop: asyncio.AbstractEventLoop) -> None:
+    signal.pthread_sigmask(signal.SIG_BLOCK, _REQUESTS)  # not even between the loop's handler and SIG_IGN
+    for sig in _REQUESTS:
+        loop.remove_signal_handler(sig)
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _REQUESTS)
 
 
 def _safe_status(component: Any) -> dict[str, Any]:

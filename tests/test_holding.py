@@ -177,6 +177,30 @@ def test_stopping_writes_everything_held(tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
+def test_stopping_writes_the_positions_of_what_was_delivered_from_ram(tmp_path: Path) -> None:
+    """Nothing held any more, nothing pending: the positions (and counters) of the chunks acknowledged
+    from RAM are all a stop has left to write. Before, a stop wrote nothing then, and the next start sent
+    those lines again (seen on every restart for TLS, which comes right after a reload)."""
+    db = tmp_path / "spool.db"
+
+    async def scenario() -> None:
+        spool = Spool.open(db)
+        b = batcher(spool)
+        b.add(file_lines(tmp_path, 4, 400))
+        assert b.flush()
+        [held] = spool.oldest(10)
+        spool.ack([held.id])
+        assert spool.held.entries == [] and on_disk(db)[1] == {}
+        assert await b.drain(5)
+        ids, positions, counters = on_disk(db)
+        assert ids == [] and positions == {KEY: "400"}
+        assert counters["acked_from_ram_records"] == counters["acked_records"] == 4
+        spool.close()
+        assert Spool.open(db).positions() == {KEY: "400"}  # the next start resumes after the delivered lines
+
+    asyncio.run(scenario())
+
+
 def test_lines_of_a_file_in_ram_are_not_held_longer_than_kernel_messages(tmp_path: Path) -> None:
     spool = Spool.open(tmp_path / "spool.db")
     b = batcher(spool)

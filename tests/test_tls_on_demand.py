@@ -6,10 +6,13 @@ Checked on the real process: /proc/PID/maps shows whether libssl and libcrypto a
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
+import time
 import tomllib
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -92,23 +95,40 @@ def start_without_tls(agent: AgentProcess, log: Path, logs: Subscriber) -> tuple
     agent.start()
     wait_for(lambda: arrived(logs, "line over plain mqtt"), what="the line over mqtt://")
     assert openssl_mapped(agent) == []
-    return agent, agent.status()["agent"]
+    return agent, agent.wait_status(lambda s: s["agent"]["started"])["agent"]
+
+
+def started_over_mqtt(
+    broker: Broker, log: Path, make_agent: Any, subscribers: list[Subscriber]
+) -> tuple[AgentProcess, dict[str, Any], Subscriber]:
+    """An agent tailing `log` over mqtt:// (no TLS loaded), its status and a subscriber to its logs."""
+    logs = Subscriber(broker.port, TOPIC)
+    subscribers.append(logs)
+    agent, before = start_without_tls(make_agent(agent_config(log, f'url = "{broker.url}"')), log, logs)
+    return agent, before, logs
+
+
+def append_lines(log: Path, first: int, count: int) -> None:
+    with log.open("a") as f:
+        f.write("".join(f"line {n}\n" for n in range(first, first + count)))
+
+
+def reload_to_mqtts(agent: AgentProcess, log: Path, tls_port: int, pki: Pki) -> None:
+    text = agent_config(log, f'url = "mqtts://127.0.0.1:{tls_port}"\nca_file = "{pki.ca_cert}"')
+    agent.config_path.write_text(text.replace("{state_dir}", str(agent.state_dir)))
+    agent.signal(signal.SIGHUP)
 
 
 def test_no_openssl_without_tls_and_sighup_to_mqtts_restarts_with_it(
     tmp_path: Path, tls_broker: tuple[Broker, int], pki: Pki, make_agent: Any, subscribers: list[Subscriber]
 ) -> None:
-    broker, tls_port = tls_broker
-    logs = Subscriber(broker.port, TOPIC)
-    subscribers.append(logs)
+    tls_port = tls_broker[1]
     log = tmp_path / "app.log"
-    agent, before = start_without_tls(make_agent(agent_config(log, f'url = "{broker.url}"')), log, logs)
+    agent, before, logs = started_over_mqtt(tls_broker[0], log, make_agent, subscribers)
     assert agent.proc is not None
     pid = agent.proc.pid
 
-    text = agent_config(log, f'url = "mqtts://127.0.0.1:{tls_port}"\nca_file = "{pki.ca_cert}"')
-    agent.config_path.write_text(text.replace("{state_dir}", str(agent.state_dir)))
-    agent.signal(signal.SIGHUP)
+    reload_to_mqtts(agent, log, tls_port, pki)
     wait_for(restarted(agent, before), 60, what="the agent running again after the restart for TLS")
     assert agent.proc.pid == pid and agent.proc.poll() is None  # executed itself: same process
     assert "restarting with TLS loaded" in agent.stderr()
@@ -116,7 +136,58 @@ def test_no_openssl_without_tls_and_sighup_to_mqtts_restarts_with_it(
     with log.open("a") as f:
         f.write("line over mqtts\n")
     wait_for(lambda: arrived(logs, "line over mqtts"), what="the line over mqtts://")
-    assert agent.status()["uploader"]["broker"] == f"mqtts://127.0.0.1:{tls_port}"
+    status = agent.wait_status(lambda s: "uploader" in s, what="a status with the uploader")
+    assert status["uploader"]["broker"] == f"mqtts://127.0.0.1:{tls_port}"
+    assert agent.stop() == 0
+
+
+def test_a_restart_for_tls_sends_no_line_twice(
+    tmp_path: Path, tls_broker: tuple[Broker, int], pki: Pki, make_agent: Any, subscribers: list[Subscriber]
+) -> None:
+    """The restart is a clean stop: the positions of what was delivered from RAM are written, and the
+    agent started again reads on after them. Before, lines delivered while the reload was being checked
+    (in a child with TLS) were sent again after the restart: nothing but their chunk id told the copy."""
+    tls_port = tls_broker[1]
+    log = tmp_path / "app.log"
+    agent, before, logs = started_over_mqtt(tls_broker[0], log, make_agent, subscribers)
+    append_lines(log, 0, 2000)
+    wait_for(lambda: arrived(logs, "line 1999"), what="the first lines over mqtt://")
+    reload_to_mqtts(agent, log, tls_port, pki)
+    append_lines(log, 2000, 2000)  # read, and delivered from RAM, while the new config is checked
+    wait_for(restarted(agent, before), 60, what="the agent running again after the restart for TLS")
+    append_lines(log, 4000, 1)
+    wait_for(lambda: arrived(logs, "line 4000"), what="a line over mqtts://")
+    sent = Counter(body for message in logs.received() for body in bodies(message.payload))
+    assert sorted(sent) == sorted(["line over plain mqtt", *(f"line {n}" for n in range(4001))])
+    assert [body for body, copies in sent.items() if copies > 1] == [], "lines sent twice"
+    assert agent.stop() == 0
+
+
+@pytest.mark.parametrize("sig", ["SIGUSR2", "SIGUSR1", "SIGHUP"])
+def test_signals_during_the_restart_for_tls_are_not_fatal(
+    tmp_path: Path, tls_broker: tuple[Broker, int], pki: Pki, make_agent: Any, subscribers: list[Subscriber], sig: str
+) -> None:
+    """`status` (SIGUSR2), `wake` (SIGUSR1) or a reload (SIGHUP) acting on what they read a moment
+    before can signal the agent while it stops and executes itself again: between its loop's end and
+    the new loop, such a signal used to kill it (exit -12 for SIGUSR2)."""
+    tls_port = tls_broker[1]
+    log = tmp_path / "app.log"
+    agent, before, _ = started_over_mqtt(tls_broker[0], log, make_agent, subscribers)
+    assert agent.proc is not None
+    pid = agent.proc.pid
+    reload_to_mqtts(agent, log, tls_port, pki)
+    wait_for(lambda: "restarting with TLS loaded" in agent.stderr(), 30, 0.005, what="the restart beginning")
+    running_again = restarted(agent, before)
+    deadline = time.monotonic() + 60
+    while agent.proc.poll() is None and not running_again() and time.monotonic() < deadline:
+        for _ in range(200):  # every 2 ms between two looks at the status
+            if agent.proc.poll() is not None:
+                break
+            os.kill(pid, getattr(signal, sig))
+            time.sleep(0.002)
+    assert agent.proc.poll() is None, f"{sig} killed the agent (exit {agent.proc.returncode}):\n{agent.stderr()}"
+    wait_for(running_again, 60, what="the agent running again after the restart for TLS")
+    assert agent.proc.pid == pid
     assert agent.stop() == 0
 
 
@@ -131,7 +202,8 @@ def refused_reload_to_mqtts(
     agent.signal(signal.SIGHUP)
     wait_for(lambda: "reload refused" in agent.stderr(), what="the refused reload")
     assert "restarting" not in agent.stderr() and openssl_mapped(agent) == []
-    assert agent.status()["uploader"]["broker"] == broker.url
+    status = agent.wait_status(lambda s: "uploader" in s, what="a status with the uploader")
+    assert status["uploader"]["broker"] == broker.url
     assert agent.stop() == 0
     return next(line for line in agent.stderr().splitlines() if "reload refused" in line)
 

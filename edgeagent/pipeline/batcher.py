@@ -193,7 +193,7 @@ class Batcher:
         if not self._commit_behind(wait=True):
             return False
         store = store or self.stalled  # retrying a failed write: what was pending is written, not held
-        if store and self.spool.held.entries and not (self._pending or self._positions or self._counters):
+        if store and self.spool.held.unwritten and not (self._pending or self._positions or self._counters):
             try:
                 self.spool.append(synced=False)  # held records that need it are synced (HeldEntry.durable)
             except Exception as e:

@@ -66,6 +66,12 @@ class HeldChunks:
             self.released.update(positions)
 
     @property
+    def unwritten(self) -> bool:
+        """Whether anything handed to this tier is still only in RAM: held chunks, or the positions and
+        counters of chunks delivered from it (a stop writes them, or the next start sends those lines again)."""
+        return bool(self.entries or self.released or self.acked_chunks)
+
+    @property
     def count(self) -> int:
         return sum(not e.acked for e in self.entries)
 
