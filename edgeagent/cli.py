@@ -176,13 +176,18 @@ def _read_status(cfg: Any) -> dict[str, Any]:
         "dead_letters": 0,
         "files": {},
     }
+    unreadable = (sqlite3.Error, OSError, ValueError)  # ValueError: a status value that is not JSON
     try:  # a full or failing disk can make even reading fail: the run lock still tells
         spool = Spool.open_readonly(cfg.spool_path)
-    except sqlite3.Error as e:
-        spool, out["spool_error"] = None, f"cannot read the spool: {e}"
+    except unreadable as e:
+        spool, out["backlog"], out["dead_letters"] = None, {}, None
+        _cannot_read(out, e)
     if spool is None:
         _overlay_run_lock(cfg, out)
         return out
+    out["backlog"], out["dead_letters"] = {}, None  # unknown until read: never shown as zeros
+    if spool.read_as_is:
+        out["spool_note"] = f"read as it is on disk, without its -shm file ({spool.read_as_is})"
     try:
         out.update(spool.status())
         backlog: dict[str, Any] = spool.backlog()
@@ -191,8 +196,8 @@ def _read_status(cfg: Any) -> dict[str, Any]:
         out["counters"] = spool.counters()
         out["dead_letters"] = spool.dead_letter_count()
         out["files"] = spool.file_sizes()
-    except sqlite3.Error as e:
-        out["spool_error"] = f"cannot read the spool: {e}"
+    except unreadable as e:
+        _cannot_read(out, e)
     finally:
         spool.close()
     agent = out.get("agent", {})
@@ -200,6 +205,13 @@ def _read_status(cfg: Any) -> dict[str, Any]:
         agent["state"] = "not running (last seen running; killed or crashed)"
     _overlay_run_lock(cfg, out)
     return out
+
+
+def _cannot_read(out: dict[str, Any], error: Exception) -> None:
+    """A spool that exists but cannot be read, or not all of it: what it holds is unknown, not zeros."""
+    out["spool_error"] = f"cannot read the spool: {error}"
+    if out["agent"] == {"state": "not started"}:
+        out["agent"] = {"state": "unknown"}
 
 
 def _overlay_run_lock(cfg: Any, out: dict[str, Any]) -> None:
@@ -267,6 +279,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     cfg = _load_config(args)
     status = _fresh_status(cfg)
     agent = status["agent"]
+    if "spool_error" in status and "pid" not in agent:  # neither the spool nor a running agent tells anything
+        full = f" (no space left on the file system of {cfg.state_dir})" if _disk_full(cfg.state_dir) else ""
+        raise CliError(
+            f"{cfg.spool_path}: {status['spool_error']}{full}; no agent holds the run lock of {cfg.state_dir}"
+        )
     if isinstance(agent.get("updated"), (int, float)):
         agent["age_s"] = round(max(time.time() - agent["updated"], 0.0), 3)
     if args.json:
@@ -279,19 +296,22 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def _status_lines(status: dict[str, Any]) -> list[str]:
     agent = status["agent"]
-    backlog = status["backlog"]
     state = str(agent.get("state"))
     if "pid" in agent:
         state += f" (pid {agent['pid']}, version {agent.get('version')}"
         state += f", started {_when(agent['started'])})" if "started" in agent else ")"
     if "updated" in agent:
         state += f"; as of {_when(agent['updated'])}"
-    lines = [
-        f"agent:     {state}",
-        f"spool:     {status['spool']}",
-        f"backlog:   {backlog['chunks']} chunks, {backlog['records']} records, {backlog['bytes']} bytes"
-        + (f", oldest {_age(backlog['oldest_age_s'])} old" if backlog.get("oldest_age_s") is not None else ""),
-    ]
+    problem = status.get("spool_error") or status.get("spool_note")
+    lines = [f"agent:     {state}", f"spool:     {status['spool']}" + (f" ({problem})" if problem else "")]
+    backlog = status["backlog"]
+    if backlog:
+        lines.append(
+            f"backlog:   {backlog['chunks']} chunks, {backlog['records']} records, {backlog['bytes']} bytes"
+            + (f", oldest {_age(backlog['oldest_age_s'])} old" if backlog.get("oldest_age_s") is not None else "")
+        )
+    else:
+        lines.append("backlog:   unknown (the spool could not be read)")
     uploader = status.get("uploader") or {}
     if uploader:
         lines.append("uploader:  " + _fields(uploader))
@@ -303,7 +323,7 @@ def _status_lines(status: dict[str, Any]) -> list[str]:
     counters = status.get("counters") or {}
     if counters:
         lines.append("counters:  " + ", ".join(f"{k}={v}" for k, v in sorted(counters.items())))
-    lines.append(f"dead letters: {status['dead_letters']}")
+    lines.append(f"dead letters: {'unknown' if status['dead_letters'] is None else status['dead_letters']}")
     for name, error in sorted((agent.get("errors") or {}).items()):
         lines.append(f"error in {name}: {error}")
     fleet = status.get("fleet") or {}

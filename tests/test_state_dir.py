@@ -118,6 +118,14 @@ def append_lines(path: Path, start: int, count: int, width: int = 100) -> None:
             f.write("".join(f"{n} {pad}\n" for n in range(base, min(base + 10_000, start + count))))
 
 
+def tailing_agent(make_agent: Any, state_dir: Path, log_path: Path, extra: str = "") -> Any:
+    """An agent on `state_dir` reading `log_path` from its beginning, uploading nothing."""
+    files = f'[[files]]\ninclude = ["{log_path}"]\nstart_at = "beginning"\n'
+    agent = make_agent(f'state_dir = "{state_dir}"\n' + QUIET + extra + files)
+    agent.state_dir = state_dir
+    return agent
+
+
 def spooled_records(state_dir: Path) -> int:
     spool = Spool.open_readonly(state_dir / "spool.db")
     if spool is None:
@@ -141,12 +149,7 @@ def test_a_full_disk_pauses_sources_and_a_stop_during_the_stall_is_not_clean(tmp
     log_path = tmp_path / "app.log"
     log_path.write_text("")
     with tmpfs(tmp_path / "disk", "4m") as disk:
-        agent = make_agent(
-            f'state_dir = "{disk / "state"}"\n'
-            + QUIET
-            + f'[spool]\nflush_interval = "100ms"\n[[files]]\ninclude = ["{log_path}"]\nstart_at = "beginning"\n'
-        )
-        agent.state_dir = disk / "state"
+        agent = tailing_agent(make_agent, disk / "state", log_path, '[spool]\nflush_interval = "100ms"\n')
         agent.start()
         append_lines(log_path, 0, 1000)
         wait_for(lambda: len(line_numbers(agent.state_dir)) == 1000, 30, what="the first lines spooled")
@@ -221,3 +224,52 @@ def test_a_signal_the_moment_the_run_lock_names_the_agent_is_handled(tmp_path: P
     os.kill(pid, getattr(signal, sig))
     wait_for(agent.ready, 30, 0.1, what="the agent running after the signal")
     assert agent.stop() == 0
+
+
+def test_status_on_a_full_disk_shows_what_a_stopped_agent_left(tmp_path: Path, make_agent: Any) -> None:
+    """A stopped agent's spool on a full disk: SQLite's read-only open creates and sizes the WAL's -shm
+    file, which fails ("disk I/O error"), and `status` showed an empty backlog of an agent "not started".
+    With no WAL to read, the file holds everything committed and is read as it is, saying so."""
+    log_path = tmp_path / "app.log"
+    log_path.write_text("")
+    with tmpfs(tmp_path / "disk", "2m") as disk:
+        agent = tailing_agent(make_agent, disk / "state", log_path)
+        agent.start()
+        append_lines(log_path, 0, 100)
+        wait_for(lambda: spooled_records(agent.state_dir) >= 100, 30, what="the lines spooled")
+        assert agent.stop() == 0
+        (agent.state_dir / "spool.db.reserve").unlink(missing_ok=True)
+        assert not (agent.state_dir / "spool.db-shm").exists()  # a clean stop leaves the file alone
+        fill(disk)
+        out = edgeagent("status", "--json", "-c", str(agent.config_path))
+        assert out.returncode == 0, out.stderr
+        status = json.loads(out.stdout)
+        assert "spool_error" not in status and "disk I/O error" in status["spool_note"]
+        assert status["agent"]["state"] == "stopped" and status["backlog"]["records"] == 100
+        text = edgeagent("status", "-c", str(agent.config_path))
+        assert text.returncode == 0, text.stderr
+        assert "backlog:   1 chunks, 100 records" in text.stdout and "read as it is on disk" in text.stdout
+
+
+def test_status_with_nothing_to_show_fails_naming_the_spool(tmp_path: Path, make_agent: Any) -> None:
+    """A spool that cannot be read and no agent holding the run lock: nothing is known, and `status` says
+    so with the file and why (it printed "not started" and empty counts, exit 0). With an agent holding
+    the lock it answers from the lock, and says in its text what it could not read."""
+    agent = make_agent('state_dir = "{state_dir}"\n' + QUIET)
+    agent.state_dir.mkdir(mode=0o700)
+    (agent.state_dir / "spool.db").write_bytes(b"not a database, not even its header " * 200)
+    out = edgeagent("status", "-c", str(agent.config_path))
+    assert out.returncode == 1 and out.stdout == ""
+    (line,) = error_lines(out.stderr)
+    assert str(agent.state_dir / "spool.db") in line and "not a database" in line and "run lock" in line
+
+    holder = subprocess.Popen(["flock", str(agent.state_dir / "edgeagent.lock"), "sleep", "60"])
+    try:
+        wait_for(lambda: json.loads(edgeagent("status", "--json", "-c", str(agent.config_path)).stdout or "{}"), 10)
+        status = json.loads(edgeagent("status", "--json", "-c", str(agent.config_path)).stdout)
+        assert "not a database" in status["spool_error"] and status["backlog"] == {} and status["dead_letters"] is None
+        text = edgeagent("status", "-c", str(agent.config_path)).stdout
+        assert "(cannot read the spool: file is not a database)" in text and "backlog:   unknown" in text
+    finally:
+        holder.kill()
+        holder.wait()

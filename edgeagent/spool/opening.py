@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Self
@@ -40,6 +41,24 @@ from edgeagent.spool.database import (
 from edgeagent.spool.salvage import PayloadCheck, _salvage_pending
 
 _RESERVE_BYTES = 256 * 1024  # released on a full disk so that deletes (acks) can still commit
+
+
+def _connect_readonly(uri: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=5.0)
+    try:
+        conn.execute("PRAGMA busy_timeout = 5000")
+        conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()  # the first read: -shm, WAL, locks
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 class SpoolBase:
@@ -65,6 +84,7 @@ class SpoolBase:
         self._unrecorded_counters: dict[str, int] = {}
         self._reserve = Path(str(path) + ".reserve")
         self._check_payload: PayloadCheck | None = None  # for salvages while running (see `open`)
+        self.read_as_is = ""  # why `open_readonly` read the file without its -shm and locks (see there)
         row = conn.execute("SELECT COALESCE(SUM(length(payload)), 0), COUNT(*) FROM chunks").fetchone()
         self._payload_bytes: int = row[0]
         self._chunk_count: int = row[1]
@@ -128,16 +148,33 @@ class SpoolBase:
     @classmethod
     def open_readonly(cls, path: Path) -> Self | None:
         """The spool of a running (or stopped) agent, for `status` and `spool
-        dump`; None when there is no spool yet."""
+        dump`; None when there is no spool yet. Raises sqlite3.Error or
+        OSError when it cannot be read.
+
+        Reading a WAL-mode file takes its `-shm` file, which SQLite creates
+        and sizes (writes) even for a read-only connection: on a full disk
+        that fails ("disk I/O error"). Then, if no WAL or journal holds
+        anything, everything committed is in the file itself, and it is read
+        as it is (`immutable`: no -shm, no lock, no write); `read_as_is` says
+        why. Otherwise the error is raised."""
         path = Path(path)
         if not path.exists():
             return None
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=5.0)
-        conn.execute("PRAGMA busy_timeout = 5000")
+        uri = "file:" + urllib.parse.quote(str(path))  # a '?' or '#' in the path is not the URI's
+        try:
+            conn = _connect_readonly(f"{uri}?mode=ro")
+        except sqlite3.OperationalError as e:
+            if any(_size(Path(f"{path}{suffix}")) for suffix in ("-wal", "-journal")):
+                raise
+            conn, reason = _connect_readonly(f"{uri}?mode=ro&immutable=1"), str(e)
+        else:
+            reason = ""
         if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
             conn.close()
             return None
-        return cls(conn, path, 0, "full", "readonly", 0)
+        spool = cls(conn, path, 0, "full", "readonly", 0)
+        spool.read_as_is = reason
+        return spool
 
     def take_losses(self) -> list[Record]:
         """Loss records about the spool itself to ship (built by `loss.record`):
