@@ -68,10 +68,8 @@ def test_the_agent_delivers_its_backlog_and_reports_status(make_agent: Any) -> N
         wait_for(lambda: not spool_records(agent.state_dir), what="the backlog acknowledged")
         assert server.lines() == lines
         assert [i for r in server.received for i in r.chunk_ids] == ids
-        uploader = wait_for(
-            lambda: (agent.status().get("uploader") or {}).get("acked_chunks") == 2 and agent.status()["uploader"],
-            what="uploader status with the acks",
-        )
+        status = agent.wait_status(lambda s: s["uploader"]["acked_chunks"] == 2, what="uploader status with the acks")
+        uploader = status["uploader"]
         assert uploader["endpoint"] == server.url and uploader["connected"] is True
         assert uploader["last_status"] == 200
         assert agent.stop() == 0
