@@ -201,7 +201,7 @@ class Tailing(FileSourceState):
         truncated: dict[int, int] = {}
         raw_bytes = 0
         if cut >= 0:
-            records, raw_bytes = self._lines(t, data[:cut], truncated)
+            records, raw_bytes = self._lines(t, data, cut, truncated)
         rest = len(data) - consumed
         if rest > group.max_line:
             # No newline within max_line_size: cut the line here and skip what follows of it.
@@ -250,12 +250,12 @@ class Tailing(FileSourceState):
         t.pos += consumed
         self._emit(t, self._mark_truncated(t, records, truncated) if truncated else records)
 
-    def _lines(self, t: Tailer, seg: bytes, truncated: dict[int, int]) -> tuple[list[bytes], int]:
-        """Split a run of complete lines (without the final newline) into line bodies. Also returns their
-        total length when it is known without a pass over the lines (-1 otherwise)."""
-        lines, raw_bytes = split_lines(seg, t.group.max_line, truncated)
-        if t.group.encoding is not None or not seg.isascii():
-            fixed = self._fix_encoding(lines, t, seg)
+    def _lines(self, t: Tailer, data: bytes, end: int, truncated: dict[int, int]) -> tuple[list[bytes], int]:
+        """Split the complete lines of `data[:end]` (`end`: see `split_lines`) into line bodies. Also returns
+        their total length when it is known without a pass over the lines (-1 otherwise)."""
+        lines, raw_bytes = split_lines(data, end, t.group.max_line, truncated)
+        if t.group.encoding is not None or not data.isascii():  # (what follows `end` is read again later)
+            fixed = self._fix_encoding(lines, t, data[:end])
             if fixed is not lines:
                 lines, raw_bytes = fixed, -1
         return lines, raw_bytes
