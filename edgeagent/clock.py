@@ -11,8 +11,8 @@ the one place that shifts times.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
 # A wall clock earlier than this cannot be right: this release did not exist yet.
@@ -32,8 +32,7 @@ def monotonic_ns() -> int:
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
 
 
-@dataclass(frozen=True, slots=True)
-class ClockState:
+class ClockState(NamedTuple):
     offset_ns: int  # CLOCK_REALTIME - CLOCK_MONOTONIC
     synced: bool  # the wall clock can be trusted
 

@@ -28,9 +28,8 @@ import logging
 import os
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +45,7 @@ RTF_REJECT = 0x200
 UDEV_CONTROL = Path("/run/udev/control")  # exists while udevd runs
 
 
-@dataclass(frozen=True)
-class NetworkState:
+class NetworkState(NamedTuple):
     up: frozenset[str]  # operational interfaces (not loopback)
     default_routes: frozenset[tuple[str, str]]  # (family/interface, gateway)
 

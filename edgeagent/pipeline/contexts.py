@@ -9,7 +9,6 @@ known now (guarantee 7).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -241,7 +240,7 @@ class UploaderContext:
         # same way next time); this upload, and split parts, use the corrected ones.
         self.spool.replace_payload(chunk.id, payload, best.offset_ns)
         log.info("chunk %s: wall times corrected by %.3f s to the clock known now", chunk.chunk_id, delta / 1e9)
-        return dataclasses.replace(chunk, payload=payload, clock_offset_ns=best.offset_ns, clock_synced=True)
+        return chunk._replace(payload=payload, clock_offset_ns=best.offset_ns, clock_synced=True)
 
     def _best_offset(self, boot_id: str) -> ClockState | None:
         if boot_id == self._boot_id:

@@ -10,14 +10,13 @@ for the file source's imports in RAM (64 MB devices).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from edgeagent.config import Config
 from edgeagent.pipeline import Source
 
 
-@dataclass(frozen=True)
-class Registration:
+class Registration(NamedTuple):
     """One kind of source: `module`.`factory`(config) builds it when `enabled(config)`; `section` is the
     config section it reads (the factory's `config_section` says the same)."""
 

@@ -40,7 +40,7 @@ import uuid
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from edgeagent.spool.database import (
     _CHUNK_COLUMNS,
@@ -80,8 +80,7 @@ class NewChunk:
                         self.clock_synced, self.created_ns, self.id, self.chunk_id)  # fmt: skip
 
 
-@dataclass(frozen=True, slots=True)
-class StoredChunk:
+class StoredChunk(NamedTuple):
     id: int
     chunk_id: str
     created_ns: int
@@ -94,8 +93,7 @@ class StoredChunk:
     payload: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class Eviction:
+class Eviction(NamedTuple):
     """What one eviction pass dropped to stay under the size cap."""
 
     chunks: int

@@ -42,6 +42,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from edgeagent.codec import CannotSplit, ChunkPart, CorruptChunk
 from edgeagent.pipeline import UploaderContext
@@ -51,26 +52,22 @@ from edgeagent.uploaders import Backoff
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class Delivered:
+class Delivered(NamedTuple):
     rejected_records: int = 0  # dropped by the receiver all the same (partial success)
     message: str = ""  # the receiver's reason for those
 
 
-@dataclass(frozen=True, slots=True)
-class Retry:
+class Retry(NamedTuple):
     reason: str
     after: float | None = None  # the receiver asked to wait at least this long
     credentials: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class Rejected:
+class Rejected(NamedTuple):
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
-class Split:
+class Split(NamedTuple):
     reason: str
     max_raw: int | None = None  # None: halves
     certain: bool = True  # the receiver can never take the chunk whole
