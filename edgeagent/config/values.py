@@ -141,13 +141,14 @@ def parse_url(url: str, schemes: tuple[str, ...], with_path: bool) -> Address:
     return Address(parts.scheme, parts.hostname, port or _DEFAULT_PORTS[parts.scheme], path)
 
 
-_LISTEN_RE = re.compile(r"^(udp|tcp)://(\[[0-9a-fA-F:.]+\]|[^/:\[\]]+):(\d{1,5})$|^(unix|unix-stream)://(/.+)$")
+# Matched with `re.match` (compiled at first use, then cached by `re`): only a [[syslog]] section needs it.
+_LISTEN_PATTERN = r"^(udp|tcp)://(\[[0-9a-fA-F:.]+\]|[^/:\[\]]+):(\d{1,5})$|^(unix|unix-stream)://(/.+)$"
 
 
 def parse_listen(listen: str) -> tuple[str, str, int]:
     """A [[syslog]] listen address as (transport, host or socket path, port or 0).
     Transports: "udp", "tcp", "unix" (datagram), "unix-stream". Raises ValueError."""
-    m = _LISTEN_RE.match(listen)
+    m = re.match(_LISTEN_PATTERN, listen)
     if m is None or (m.group(3) and not 0 < int(m.group(3)) <= 65535):
         raise ValueError("udp://HOST:PORT, tcp://HOST:PORT, unix:///PATH or unix-stream:///PATH")
     if m.group(1):

@@ -52,9 +52,10 @@ ATTR_DUMP = "edgeagent.pstore.dump"
 ATTR_UPTIME = "kmsg.uptime_ns"
 UNKNOWN_BOOT = "unknown"
 
-# `<prio>` (dmesg dumps only) then `[seconds.micros]` (when printk.time is on).
-_LINE_RE = re.compile(rb"^(?:<(\d{1,3})>)?(?:\[\s*(\d+)\.(\d{1,9})\]\s?)?(.*)$", re.DOTALL)
-_DUMP_HEADER_RE = re.compile(rb"^(?:Panic|Oops|Emergency|Shutdown|Halt|Poweroff|Restart|Unknown)#\d+ Part\d+$")
+# `<prio>` (dmesg dumps only) then `[seconds.micros]` (when printk.time is on). Compiled by `parse_dump`, on
+# the first boot after a crash, not at every start of an agent that reads the kernel log.
+_LINE_PATTERN = rb"^(?:<(\d{1,3})>)?(?:\[\s*(\d+)\.(\d{1,9})\]\s?)?(.*)$"
+_DUMP_HEADER_PATTERN = rb"^(?:Panic|Oops|Emergency|Shutdown|Halt|Poweroff|Restart|Unknown)#\d+ Part\d+$"
 
 
 def list_dumps(directory: Path) -> list[Path]:
@@ -85,13 +86,14 @@ def parse_dump(data: bytes) -> tuple[str, list[tuple[int, int, str]]]:
     """(dump header such as "Panic#1 Part1" or "", [(level or -1, uptime ns or -1, text)])."""
     header = ""
     lines: list[tuple[int, int, str]] = []
+    line_re, dump_header_re = re.compile(_LINE_PATTERN, re.DOTALL), re.compile(_DUMP_HEADER_PATTERN)
     for raw in data.splitlines():
         if not raw.strip():
             continue
-        if not lines and not header and _DUMP_HEADER_RE.match(raw):
+        if not lines and not header and dump_header_re.match(raw):
             header = raw.decode("ascii")
             continue
-        m = _LINE_RE.match(raw)
+        m = line_re.match(raw)
         assert m is not None  # every group is optional, so any line matches
         prio, seconds, fraction, text = m.groups()
         level = int(prio) & 7 if prio is not None else -1
