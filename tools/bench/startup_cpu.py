@@ -8,7 +8,7 @@ Usage (from the repository root; the trees share this repository's .venv):
 
     --config bench   (default) one file from the beginning, kmsg off, MQTT: the config of the issue 15 runs
     --config demo    what `tools/run` starts (examples/demo.toml): kmsg on (min_priority info) and a file, MQTT
-    --quiet-wait S   before each run, wait up to S seconds for a quiet machine (compare.py's rule; default 5)
+    --quiet-wait S   before each run, wait up to S seconds for a quiet machine (compare.py's rule; default 2)
 
 Each round runs every tree once, in the order given, then the next round in the reverse order (so neither
 tree always runs right after the other). One run: the tree's modules are byte-compiled once beforehand
@@ -21,9 +21,10 @@ then stopped with SIGTERM. Also recorded: utime+stime+cutime+cstime from /proc/P
 (10 ms ticks; includes children the agent waited for, e.g. a schema migration child) and the wall time from
 Popen to the first message.
 
-Printed: per tree, min and median (ms) of the schedstat CPU, the stat CPU and the wall time, over the rounds;
-the per-run figures go to tools/bench/out/startup-cpu/runs.jsonl. The machine is shared: quote the min and
-the median together, with the time of day (printed).
+Printed: per tree, min, lower quartile (q1) and median (ms) of the schedstat CPU, the stat CPU and the wall
+time, over the rounds; the per-run figures go to tools/bench/out/startup-cpu/runs.jsonl. The machine is
+shared: quote the min and the median together, with the time of day (printed); on a busy machine the median
+moves by 10-20 ms from one invocation to the next, and the min and q1 are the steadier figures.
 """
 
 from __future__ import annotations
@@ -159,12 +160,14 @@ def one_run(tree: Path, config: str, port: int, index: int) -> dict[str, float]:
     return subscriber.figures
 
 
-def summary(runs: list[dict[str, float]]) -> str:
+def summary(runs: list[dict[str, Any]]) -> str:
     parts = []
     for key in ("cpu_ms", "stat_cpu_ms", "wall_ms"):
-        values = [r[key] for r in runs]
-        parts.append(f"{key} min {min(values):6.1f} median {statistics.median(values):6.1f}")
-    return "   ".join(parts)
+        values = sorted(r[key] for r in runs)
+        quartile = values[(len(values) - 1) // 4]
+        parts.append(f"{key} min {values[0]:6.1f} q1 {quartile:6.1f} median {statistics.median(values):6.1f}")
+    quiet = sum(1 for r in runs if r["quiet_reached"])
+    return "   ".join(parts) + f"   ({len(runs)} runs, {quiet} after a quiet wait)"
 
 
 def main() -> None:
@@ -172,7 +175,7 @@ def main() -> None:
     parser.add_argument("trees", nargs="*", type=Path, default=[REPO], help="source trees (default: this one)")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--config", choices=sorted(CONFIGS), default="bench")
-    parser.add_argument("--quiet-wait", type=float, default=5.0)
+    parser.add_argument("--quiet-wait", type=float, default=2.0)
     args = parser.parse_args()
     trees = [t.resolve() for t in args.trees]
     for tree in trees:
@@ -182,7 +185,7 @@ def main() -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     broker = Broker(WORK / "broker")
     broker.start()
-    runs: dict[Path, list[dict[str, float]]] = {tree: [] for tree in trees}
+    runs: dict[Path, list[dict[str, Any]]] = {tree: [] for tree in trees}
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     try:
         with open(WORK / "runs.jsonl", "a") as log:
@@ -190,7 +193,7 @@ def main() -> None:
                 for tree in trees if round_ % 2 == 0 else trees[::-1]:
                     quiet = wait_quiet(args.quiet_wait)
                     figures = one_run(tree, args.config, broker.port, sum(map(len, runs.values())))
-                    runs[tree].append(figures)
+                    runs[tree].append({**figures, **quiet})
                     log.write(json.dumps({"tree": str(tree), "config": args.config, **figures, **quiet}) + "\n")
     finally:
         broker.stop()
