@@ -7,8 +7,7 @@ expected; the loader turns that into a ConfigError naming the file, line and key
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from edgeagent.records import SYSLOG_LEVEL_NAMES
 
@@ -89,8 +88,7 @@ REGEX = {"kind": "regex"}
 # --- URLs -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Address:
+class Address(NamedTuple):
     """Where a URL points: scheme, host (an IPv6 literal without brackets),
     port (the scheme's default when the URL has none), path."""
 
