@@ -8,7 +8,7 @@ Usage (from the repository root; the trees share this repository's .venv):
 
     --config bench   (default) one file from the beginning, kmsg off, MQTT: the config of the issue 15 runs
     --config demo    what `tools/run` starts (examples/demo.toml): kmsg on (min_priority info) and a file, MQTT
-    --quiet-wait S   before each run, wait up to S seconds for a quiet machine (compare.py's rule; default 2)
+    --quiet-wait S   before each run, wait up to S s for a quiet machine (compare.py's rule: 3 s in a row; default 5)
 
 Each round runs every tree once, in the order given, then the next round in the reverse order (so neither
 tree always runs right after the other). One run: the tree's modules are byte-compiled once beforehand
@@ -175,7 +175,7 @@ def main() -> None:
     parser.add_argument("trees", nargs="*", type=Path, default=[REPO], help="source trees (default: this one)")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--config", choices=sorted(CONFIGS), default="bench")
-    parser.add_argument("--quiet-wait", type=float, default=2.0)
+    parser.add_argument("--quiet-wait", type=float, default=5.0)
     args = parser.parse_args()
     trees = [t.resolve() for t in args.trees]
     for tree in trees:
