@@ -24,6 +24,7 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +145,8 @@ class Agent:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
+        # Worker threads (`asyncio.to_thread`: connects, HTTP requests) leave the request signals to the loop.
+        loop.set_default_executor(ThreadPoolExecutor(initializer=service.leave_requests_to_the_loop))
         for sig, handler in (
             (signal.SIGTERM, self._stop.set),
             (signal.SIGINT, self._stop.set),
@@ -163,7 +166,7 @@ class Agent:
             return await self._run_locked()
         finally:
             self._lock.release()
-            _ignore_requests(loop)
+            service.ignore_requests(loop)
 
     async def _run_locked(self) -> int:
         self.spool = await self._open_spool()
@@ -271,7 +274,14 @@ class Agent:
         if self._uploader is not None:
             self._uploader_ctx = UploaderContext(self.spool, config, on_loss=self._ship_loss, boot_id=self.boot_id)
         on_commit = self._uploader_ctx.wake if self._uploader_ctx is not None else None
-        self._batcher = Batcher(self.spool, encoder, self.boot_id, config.spool, on_commit=on_commit)
+        self._batcher = Batcher(
+            self.spool,
+            encoder,
+            self.boot_id,
+            config.spool,
+            on_commit=on_commit,
+            thread_start=service.leave_requests_to_the_loop,
+        )
         self._batcher.ship_spool_losses()  # a quarantine at open, and what its salvage lost
         source_ctx = SourceContext(self._batcher, self.spool, self.boot_id, config)
         for source in self._sources:
@@ -538,21 +548,6 @@ class Agent:
         except Exception as e:
             if not stall:
                 log.warning("writing status failed: %s", e)
-
-
-# Signals that ask a running agent for something (`status`, `wake`, a reload). Once the agent stops serving
-# them their default action would end it: `status`, acting on a status read just before, made a stopping
-# agent exit -12, or killed it in its restart for TLS before the new process handled them. Ignored instead,
-# which an exec keeps until the new loop handles them again (a reload asked meanwhile reads the file anyway).
-_REQUESTS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
-
-
-def _ignore_requests(loop: asyncio.AbstractEventLoop) -> None:
-    signal.pthread_sigmask(signal.SIG_BLOCK, _REQUESTS)  # not even between the loop's handler and SIG_IGN
-    for sig in _REQUESTS:
-        loop.remove_signal_handler(sig)
-        signal.signal(sig, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _REQUESTS)
 
 
 def _safe_status(component: Any) -> dict[str, Any]:

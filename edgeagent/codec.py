@@ -32,7 +32,7 @@ Thread safety: zstd contexts are not thread-safe, so each thread uses its own
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NamedTuple
 
@@ -97,14 +97,17 @@ class BackgroundCompressor:
     its own (zstd contexts are not thread-safe). Results come back in
     submission order: one worker."""
 
-    def __init__(self) -> None:
+    def __init__(self, thread_start: Callable[[], None] | None = None) -> None:
         self._executor: ThreadPoolExecutor | None = None
+        self._thread_start = thread_start  # run first in the thread (the agent's: it takes no signals)
         self._codec = ChunkCodec()  # used by the worker thread only
 
     def submit(self, requests: list[bytes]) -> Future[list[bytes]]:
         """The chunk payloads of `requests`, compressed on the worker thread."""
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeagent-compress")
+            self._executor = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="edgeagent-compress", initializer=self._thread_start
+            )
         return self._executor.submit(self._compress, requests)
 
     def _compress(self, requests: list[bytes]) -> list[bytes]:

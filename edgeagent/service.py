@@ -9,6 +9,9 @@ log lines that journald, procd or a terminal each read well.
   `$WATCHDOG_USEC`: a loop that hangs (a blocking call, a busy loop) stops the
   pings and systemd restarts the service. It is only armed when
   `$WATCHDOG_PID` is unset or names this process.
+- Request signals (`REQUEST_SIGNALS`: a reload, `wake`, `status`) are taken by the loop thread only:
+  every worker thread starts with `leave_requests_to_the_loop`, and once the loop stops serving them
+  `ignore_requests` ignores them (an exec keeps that), so none can end the agent with its default action.
 - `configure_logging` writes to stderr. In "journal" format each line carries a
   `<N>` syslog priority prefix and no timestamp (journald adds its own and
   keeps the level); "plain" is a timestamped line for terminals and log files.
@@ -21,12 +24,38 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import socket
 import sys
 import time
 from collections.abc import Mapping
 
 log = logging.getLogger("edgeagent.service")
+
+# Signals that ask a running agent for something: a reload (SIGHUP), `edgeagent wake` (SIGUSR1), a fresh
+# status for `edgeagent status` (SIGUSR2). Their default action ends a process.
+REQUEST_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def leave_requests_to_the_loop() -> None:
+    """Run first in every worker thread: it never takes a request signal. The kernel gives a process's
+    signal to any thread that does not block it; while the loop thread blocks them (`ignore_requests`), a
+    worker taking one would get its default action."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, REQUEST_SIGNALS)
+
+
+def ignore_requests(loop: asyncio.AbstractEventLoop) -> None:
+    """The loop stops serving request signals: from now on they are ignored, which an exec keeps until the
+    new loop handles them again (a reload asked meanwhile reads the file anyway). Without this, `status`,
+    acting on a status read just before, made a stopping agent exit -12, or killed it in its restart for
+    TLS before the new process had its handlers. Blocked meanwhile, so that none arrives between the loop's
+    handler and SIG_IGN (workers block them for good)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, REQUEST_SIGNALS)
+    for sig in REQUEST_SIGNALS:
+        loop.remove_signal_handler(sig)
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, REQUEST_SIGNALS)
+
 
 PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 

@@ -69,7 +69,9 @@ class Batcher:
         config: SpoolConfig,
         clock: Clock | None = None,
         on_commit: Callable[[], None] | None = None,
+        thread_start: Callable[[], None] | None = None,
     ) -> None:
+        """`thread_start`: run first in the compressing thread (`codec.BackgroundCompressor`)."""
         self.spool = spool
         self.encoder = encoder
         self.boot_id = boot_id
@@ -77,7 +79,7 @@ class Batcher:
         self.clock = clock or Clock()
         self.on_commit = on_commit
         self._codec = ChunkCodec()
-        self._background = BackgroundCompressor()
+        self._background = BackgroundCompressor(thread_start)
         self._behind: collections.deque[_Behind] = collections.deque()  # flushes compressing, oldest first
         self._pending: list[Batch] = []
         self._positions: dict[str, str | None] = {}  # None: forget the position
