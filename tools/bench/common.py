@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -498,9 +499,13 @@ class Subscriber:
 
     def __init__(self, port: int, topic: str, needle: bytes | None = None) -> None:
         import paho.mqtt.client as mqtt
+        import zstandard
 
         self.payloads: list[bytes] = []
-        self.found = _NeedleSearch(self.payloads, needle)
+        dctx = zstandard.ZstdDecompressor()
+        self.found = NeedleSearch(
+            self.payloads, needle, lambda payload: dctx.decompress(payload, max_output_size=256 * 1024**2)
+        )
         self.subscribed = threading.Event()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-sub-{os.getpid()}", protocol=5)
         self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
@@ -516,40 +521,41 @@ class Subscriber:
         self.client.loop_stop()
 
 
-class _NeedleSearch:
-    """Whether a payload received so far holds `needle`, decompressing as few as the harness can: the
-    subscriber is the harness's tap, not part of what is measured, and every CPU second it spends during
-    a run is taken from the agent on this 2-core machine (decompressing each of a million lines' payloads
-    as it arrived cost about 0.15 CPU s inside the window; the newest one at every 10 ms poll, about 0.05).
-    The broker delivers one session's messages in order, so the last line arrives in the newest payload,
-    and it is the last to arrive: nothing is searched while payloads keep coming (one came since the last
-    poll); once a poll sees none new, the ones not searched yet are, newest first. The goal is seen one
-    to two polls (10-20 ms) after the last payload arrived, when the agent is idle."""
+class NeedleSearch:
+    """Whether an item received so far (an MQTT payload, an HTTP body) holds `needle` once `decode`d,
+    decoding as few as the harness can: the receiver is the harness's tap, not part of what is measured, and
+    every CPU second it spends during a run is taken from the agent on this 2-core machine (decompressing
+    each of a million lines' payloads as it arrived cost about 0.15 CPU s inside the window; the newest one
+    at every 10 ms poll, about 0.05). One session's messages arrive in order, so the last line arrives in the
+    newest item, and it is the last to arrive: nothing is searched while items keep coming (one came since
+    the last poll); once a poll sees none new, the ones not searched yet are, newest first. The goal is seen
+    one to two polls (10-20 ms) after the last item arrived, when the agent is idle. An item `decode` refuses
+    with ValueError is skipped (the receiver reports it after the run)."""
 
-    def __init__(self, payloads: list[bytes], needle: bytes | None) -> None:
-        import zstandard
-
-        self._payloads = payloads
+    def __init__(self, items: list[Any], needle: bytes | None, decode: Callable[[Any], bytes]) -> None:
+        self._items = items
         self._needle = needle
-        self._dctx = zstandard.ZstdDecompressor()
+        self._decode = decode
         self._searched: set[int] = set()
-        self._seen = 0  # payloads there were at the last poll
+        self._seen = 0  # items there were at the last poll
         self._found = False
 
     def is_set(self) -> bool:
         if self._found or self._needle is None:
             return self._found
-        count = len(self._payloads)
+        count = len(self._items)
         arriving, self._seen = count > self._seen, count
         if arriving:
             return False
         for i in range(count - 1, -1, -1):
             if i not in self._searched:
                 self._searched.add(i)
-                text = self._dctx.decompress(self._payloads[i], max_output_size=256 * 1024**2)
-                if self._needle in text:
-                    self._found = True
-                    break
+                try:
+                    if self._needle in self._decode(self._items[i]):
+                        self._found = True
+                        break
+                except ValueError:
+                    continue
         return self._found
 
 

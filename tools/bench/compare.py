@@ -50,6 +50,7 @@ from common import (
     BenchError,
     Broker,
     Measured,
+    NeedleSearch,
     NotAvailable,
     Subscriber,
     count_records,
@@ -146,14 +147,15 @@ class OtlpSink:
 
     During the run it only reads and keeps bodies: decoding each as it came (as the sink once did) took
     about 0.15 CPU s inside the window from the subject on this 2-core machine. `found.is_set()` searches
-    `needle` as `_NeedleSearch` does for MQTT: nothing while bodies keep coming, then the newest first.
+    `needle` as the MQTT subscriber does (`common.NeedleSearch`): nothing while bodies keep coming, then the
+    newest first.
     zstd bodies are decoded as one stream across frames (what the OpenTelemetry Collector's confighttp
     decoder, klauspost/compress zstd, does), then protobuf."""
 
     def __init__(self, needle: bytes) -> None:
         self.needle = needle
-        self.found = _BodySearch(self, needle)
         self.raw: list[tuple[float, str, bytes]] = []  # arrival, Content-Encoding, body as received
+        self.found = NeedleSearch(self.raw, needle, lambda item: self.decode(item[1], item[2]))
         self.wire_bytes = 0
         self.requests = 0
         sink = self
@@ -215,37 +217,6 @@ class OtlpSink:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
-
-
-class _BodySearch:
-    """`needle` in a body the sink received, searched only once bodies stop coming (see `_NeedleSearch`)."""
-
-    def __init__(self, sink: OtlpSink, needle: bytes) -> None:
-        self._sink = sink
-        self._needle = needle
-        self._searched: set[int] = set()
-        self._seen = 0
-        self._found = False
-
-    def is_set(self) -> bool:
-        if self._found:
-            return True
-        raw = self._sink.raw
-        count = len(raw)
-        arriving, self._seen = count > self._seen, count
-        if arriving:
-            return False
-        for i in range(count - 1, -1, -1):
-            if i not in self._searched:
-                self._searched.add(i)
-                _, encoding, body = raw[i]
-                try:
-                    if self._needle in OtlpSink.decode(encoding, body):
-                        self._found = True
-                        break
-                except ValueError:
-                    continue  # reported after the run
-        return self._found
 
 
 def count_plain_records(bodies: list[bytes]) -> int:
