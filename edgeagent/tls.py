@@ -20,6 +20,10 @@ Guarantees:
 - `EDGEAGENT_TLS=1` in the environment loads TLS from the start.
 - a process where TLS was never kept out is never restarted for it: a Python
   built without `ssl` fails the TLS connection with a clear error instead.
+
+`client_context()` is the one place that makes a client SSLContext (MQTT
+session, OTLP/HTTP uploader, config check, fleet operator): verification on,
+the files named by their config key when they cannot be used.
 """
 
 from __future__ import annotations
@@ -30,9 +34,12 @@ import re
 import sys
 import types
 from collections.abc import MutableMapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, NoReturn
 
 if TYPE_CHECKING:
+    import ssl
+
     from edgeagent.config import Config
 
 ENV = "EDGEAGENT_TLS"
@@ -123,3 +130,61 @@ def _as_in_the_file(message: str, copy: str, source_path: str) -> str:
     found = re.match(re.escape(copy) + r"(?::\d+)?: ([\w.\[\]]+) = ", message)
     line = line_of(source_path, found.group(1)) if found and source_path else None
     return re.sub(re.escape(copy) + r"(:\d+)?", f"{where}:{line}" if line else where, message)
+
+
+# --- client contexts ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """The TLS files of one endpoint, and where they are named: `section` "mqtt"
+    gives the keys `mqtt.ca_file`, ...; "" the command-line options `--ca-file`, ..."""
+
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    section: str = ""
+
+    def key(self, name: str) -> str:
+        return f"{self.section}.{name}" if self.section else "--" + name.replace("_", "-")
+
+
+class TlsFileError(ValueError):
+    """A TLS file that cannot be used, named by its key (`key = 'path': expected ...`)."""
+
+    def __init__(self, key: str, path: str, expected: str) -> None:
+        super().__init__(f"{key} = {path!r}: expected {expected}")
+        self.key, self.path, self.expected = key, path, expected
+
+
+def client_context(files: TlsFiles, *, check_hostname: bool = True, verify: bool = True) -> ssl.SSLContext:
+    """A client context as `ssl.create_default_context()` makes it (TLS 1.2 or
+    later, the peer's chain and name verified) trusting `files.ca_file`, or the
+    system's CA store when it is empty, with the client certificate and key when
+    given. `check_hostname=False` skips only the name check; `verify=False` the
+    chain too. Raises TlsFileError when a file cannot be used."""
+    import ssl  # only here: TLS is kept out of processes that do not use it
+
+    try:
+        context = ssl.create_default_context(cafile=files.ca_file or None)
+    except OSError as e:  # ssl.SSLError is one
+        expected = f"a readable PEM file of CA certificates ({_why(e)})"
+        raise TlsFileError(files.key("ca_file"), files.ca_file, expected) from None
+    if files.key_file and not files.cert_file:
+        raise TlsFileError(files.key("key_file"), files.key_file, f"{files.key('cert_file')} as well")
+    if files.cert_file:
+        try:
+            context.load_cert_chain(files.cert_file, files.key_file or None)
+        except OSError as e:
+            raise TlsFileError(
+                files.key("cert_file"), files.cert_file, f"a readable client certificate matching its key ({_why(e)})"
+            ) from None
+    if not check_hostname or not verify:
+        context.check_hostname = False
+    if not verify:
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _why(error: OSError) -> str:
+    return error.strerror or str(error) or type(error).__name__

@@ -43,19 +43,12 @@ def check_mqtt_files(config: Config) -> None:
         return
     if mqtt.key_file and not mqtt.cert_file:
         raise error_at(config, "mqtt.key_file", mqtt.key_file, "mqtt.cert_file as well (the client certificate)")
-    import ssl  # only here: ssl costs RAM, and most of the agent never needs it
+    from edgeagent import tls  # its ssl only here: most of the agent never needs it
 
     try:
-        context = ssl.create_default_context(cafile=mqtt.ca_file or None)
-    except (OSError, ssl.SSLError) as e:
-        raise error_at(config, "mqtt.ca_file", mqtt.ca_file, f"a readable PEM file of CA certificates ({_why(e)})")
-    if mqtt.cert_file:
-        try:
-            context.load_cert_chain(mqtt.cert_file, mqtt.key_file or None)
-        except (OSError, ssl.SSLError) as e:
-            raise error_at(
-                config, "mqtt.cert_file", mqtt.cert_file, f"a readable client certificate matching its key ({_why(e)})"
-            )
+        tls.client_context(tls.TlsFiles(mqtt.ca_file, mqtt.cert_file, mqtt.key_file, "mqtt"))
+    except tls.TlsFileError as e:
+        raise error_at(config, e.key, e.path, e.expected) from None
 
 
 def _why(error: Exception) -> str:

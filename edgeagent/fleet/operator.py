@@ -32,6 +32,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from edgeagent.config import ConfigError, FleetConfig, loads
 from edgeagent.errors import OperatorError
 from edgeagent.fleet.envelope import Envelope, EnvelopeError, decode, generate_keypair, sign
+from edgeagent.tls import TlsFileError, TlsFiles, client_context
 
 TERMINAL = ("applied", "rejected", "failed", "rolled_back")
 RETAINED_QUIET = 0.5  # retained messages arrive right after SUBACK; this much silence ends them
@@ -63,10 +64,12 @@ class Connection:
         if options.username:
             self.client.username_pw_set(options.username, _read_password(options.password_file))
         if tls or options.ca_file:
-            context = ssl.create_default_context(cafile=options.ca_file or None)
-            if options.cert_file:
-                context.load_cert_chain(options.cert_file, options.key_file or None)
-            self.client.tls_set_context(context)
+            # --key-file is used only with --cert-file (alone it has always been ignored here)
+            files = TlsFiles(options.ca_file, options.cert_file, options.key_file if options.cert_file else "")
+            try:
+                self.client.tls_set_context(client_context(files))
+            except TlsFileError as e:
+                raise OperatorError(str(e)) from None
         self.messages: list[MQTTMessage] = []
         self.last_message = time.monotonic()
         self._lock = threading.Lock()

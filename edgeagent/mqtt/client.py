@@ -29,11 +29,8 @@ import random
 import sys
 import types
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
-
-if TYPE_CHECKING:
-    import ssl
 
 
 def _defer_import(name: str) -> None:
@@ -256,8 +253,9 @@ def new_client(config: Config, max_queued: int) -> BoundedClient:
     if m.username:
         client.username_pw_set(m.username, _password(config))
     if broker_address(m.url).tls:
-        client.tls_set_context(_tls_context(config))
-        if m.tls_insecure:
+        files = tls.TlsFiles(m.ca_file, m.cert_file, m.key_file, "mqtt")
+        client.tls_set_context(tls.client_context(files, check_hostname=not m.tls_insecure))
+        if m.tls_insecure:  # paho's own name check too: the chain is still verified
             client.tls_insecure_set(True)
     offline = json.dumps({"state": "offline", "device_id": config.device_id})
     client.will_set(status_topic(config), offline, qos=1, retain=True)
@@ -302,29 +300,6 @@ def _password(config: Config) -> str | None:
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f"mqtt.password_file = {m.password_file!r}: cannot read: {e}") from None
     return m.password or None
-
-
-def _tls_context(config: Config) -> ssl.SSLContext:
-    """Verification on: the broker's chain against `ca_file` (or the system
-    store), and its name unless `tls_insecure`."""
-    import ssl
-
-    m = config.mqtt
-    try:
-        context = ssl.create_default_context(cafile=m.ca_file or None)
-    except (OSError, ssl.SSLError) as e:
-        raise ValueError(f"mqtt.ca_file = {m.ca_file!r}: cannot load: {e}") from None
-    if m.cert_file or m.key_file:
-        try:
-            context.load_cert_chain(m.cert_file, m.key_file or None)
-        except (OSError, ssl.SSLError) as e:
-            raise ValueError(
-                f"mqtt.cert_file = {m.cert_file!r} / mqtt.key_file = {m.key_file!r}: "
-                f"cannot load the client certificate: {e}"
-            ) from None
-    if m.tls_insecure:
-        context.check_hostname = False
-    return context
 
 
 def slow_down_wait(code: int, retry_max: float) -> float | None:

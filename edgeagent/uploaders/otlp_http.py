@@ -45,7 +45,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from edgeagent import __version__, codec
+from edgeagent import __version__, codec, tls
 from edgeagent.config import Config, ConfigError, display_url, parse_url
 from edgeagent.pipeline import WAKE_DATA, UploaderContext
 from edgeagent.spool import StoredChunk
@@ -188,24 +188,12 @@ class OtlpHttpUploader:
         return address.scheme, host, address.port, path, host_header
 
     def _ssl_context(self) -> ssl.SSLContext:
-        import ssl  # only for https: TLS is kept out of agents that do not use it (edgeagent.tls)
-
         cfg = self._cfg
+        files = tls.TlsFiles(cfg.ca_file, cfg.cert_file, cfg.key_file, "otlp_http")
         try:
-            context = ssl.create_default_context(cafile=cfg.ca_file or None)
-        except (OSError, ssl.SSLError) as e:
-            raise self._fail("ca_file", cfg.ca_file, f"cannot load CA certificates: {e}") from None
-        if cfg.cert_file or cfg.key_file:
-            if not cfg.cert_file:
-                raise self._fail("key_file", cfg.key_file, "needs otlp_http.cert_file as well")
-            try:
-                context.load_cert_chain(cfg.cert_file, cfg.key_file or None)
-            except (OSError, ssl.SSLError) as e:
-                raise self._fail("cert_file", cfg.cert_file, f"cannot load client certificate/key: {e}") from None
-        if cfg.tls_insecure:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        return context
+            return tls.client_context(files, verify=not cfg.tls_insecure)
+        except tls.TlsFileError as e:
+            raise ConfigError(f"{self._source}: {e}") from None
 
     def _build_static_head(self, config: Config) -> bytes:
         """Request-line and headers shared by every request (all but length and ids)."""
