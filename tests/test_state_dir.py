@@ -229,7 +229,9 @@ def test_a_signal_the_moment_the_run_lock_names_the_agent_is_handled(tmp_path: P
 def test_status_on_a_full_disk_shows_what_a_stopped_agent_left(tmp_path: Path, make_agent: Any) -> None:
     """A stopped agent's spool on a full disk: SQLite's read-only open creates and sizes the WAL's -shm
     file, which fails ("disk I/O error"), and `status` showed an empty backlog of an agent "not started".
-    With no WAL to read, the file holds everything committed and is read as it is, saying so."""
+    With no agent holding the run lock the spool is read as the agent left it, creating nothing (see
+    test_status.py), so a full disk makes no difference. While an agent holds the lock, the read shares its
+    -shm; when that cannot be created and no WAL holds anything, the file is read as it is, saying so."""
     log_path = tmp_path / "app.log"
     log_path.write_text("")
     with tmpfs(tmp_path / "disk", "2m") as disk:
@@ -241,14 +243,30 @@ def test_status_on_a_full_disk_shows_what_a_stopped_agent_left(tmp_path: Path, m
         (agent.state_dir / "spool.db.reserve").unlink(missing_ok=True)
         assert not (agent.state_dir / "spool.db-shm").exists()  # a clean stop leaves the file alone
         fill(disk)
+        before = sorted(p.name for p in agent.state_dir.iterdir())
         out = edgeagent("status", "--json", "-c", str(agent.config_path))
         assert out.returncode == 0, out.stderr
         status = json.loads(out.stdout)
-        assert "spool_error" not in status and "disk I/O error" in status["spool_note"]
+        assert "spool_error" not in status and "spool_note" not in status
         assert status["agent"]["state"] == "stopped" and status["backlog"]["records"] == 100
         text = edgeagent("status", "-c", str(agent.config_path))
         assert text.returncode == 0, text.stderr
-        assert "backlog:   1 chunks, 100 records" in text.stdout and "read as it is on disk" in text.stdout
+        assert "backlog:   1 chunks, 100 records" in text.stdout
+        assert sorted(p.name for p in agent.state_dir.iterdir()) == before
+
+        holder = subprocess.Popen(["flock", str(agent.state_dir / "edgeagent.lock"), "sleep", "60"])
+        try:  # an agent holds the run lock (its spool unavailable on the full disk)
+            wait_for(
+                lambda: "pid" in json.loads(edgeagent("status", "--json", "-c", str(agent.config_path)).stdout)["agent"]
+            )
+            status = json.loads(edgeagent("status", "--json", "-c", str(agent.config_path)).stdout)
+            assert "spool_error" not in status and "disk I/O error" in status["spool_note"]
+            assert status["backlog"]["records"] == 100
+            text = edgeagent("status", "-c", str(agent.config_path))
+            assert "backlog:   1 chunks, 100 records" in text.stdout and "read as it is on disk" in text.stdout
+        finally:
+            holder.kill()
+            holder.wait()
 
 
 def test_status_with_nothing_to_show_fails_naming_the_spool(tmp_path: Path, make_agent: Any) -> None:

@@ -30,6 +30,8 @@ Modules, bottom up:
   older version goes through them, and a test keeps `snapshot` identical to
   what they build;
 - `salvage`: copying what can be read out of a quarantined file;
+- `stopped`: reading a stopped agent's spool exactly as it left it (no
+  `-shm` or `-wal` created, nothing written, committed WAL content included);
 - `opening`: `SpoolBase`, opening, run-time recovery and the reserve file;
 - `state`: positions, boots, counters and status;
 - `chunks`: `Spool`, the chunk queue (append, read, ack, reject, split, evict).

@@ -143,6 +143,22 @@ def _connect(path: Path, durability: str, journal: str, max_size: int) -> tuple[
     return conn, mode
 
 
+def connect_readonly(uri: str, exclusive: bool = False) -> sqlite3.Connection:
+    """A read-only connection to `uri`, read once (the first read opens the WAL,
+    the -shm and takes the locks). `exclusive`: the locking mode that keeps the
+    WAL index in this process's memory, set before that first read."""
+    conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=5.0)
+    try:
+        conn.execute("PRAGMA busy_timeout = 5000")
+        if exclusive:
+            conn.execute("PRAGMA locking_mode = EXCLUSIVE")
+        conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
 def _create_if_fresh(path: Path, exclusive: bool) -> int:
     """The file's schema version, after creating the current schema from `snapshot` if the file is fresh."""
     conn = sqlite3.connect(path, isolation_level=None, timeout=10.0)

@@ -35,23 +35,15 @@ from edgeagent.spool.database import (
     _quarantine,
     _secure_files,
     _Txn,
+    connect_readonly,
     is_corruption,
     log,
 )
 from edgeagent.spool.salvage import PayloadCheck, _salvage_pending
+from edgeagent.spool.stopped import connect_as_left, is_wal_file
+from edgeagent.statedir import holder
 
 _RESERVE_BYTES = 256 * 1024  # released on a full disk so that deletes (acks) can still commit
-
-
-def _connect_readonly(uri: str) -> sqlite3.Connection:
-    conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=5.0)
-    try:
-        conn.execute("PRAGMA busy_timeout = 5000")
-        conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()  # the first read: -shm, WAL, locks
-    except BaseException:
-        conn.close()
-        raise
-    return conn
 
 
 def _size(path: Path) -> int:
@@ -85,6 +77,7 @@ class SpoolBase:
         self._reserve = Path(str(path) + ".reserve")
         self._check_payload: PayloadCheck | None = None  # for salvages while running (see `open`)
         self.read_as_is = ""  # why `open_readonly` read the file without its -shm and locks (see there)
+        self.as_left = False  # `open_readonly` found no agent: read without locks, creating nothing (see there)
         row = conn.execute("SELECT COALESCE(SUM(length(payload)), 0), COUNT(*) FROM chunks").fetchone()
         self._payload_bytes: int = row[0]
         self._chunk_count: int = row[1]
@@ -151,29 +144,38 @@ class SpoolBase:
         dump`; None when there is no spool yet. Raises sqlite3.Error or
         OSError when it cannot be read.
 
-        Reading a WAL-mode file takes its `-shm` file, which SQLite creates
-        and sizes (writes) even for a read-only connection: on a full disk
-        that fails ("disk I/O error"). Then, if no WAL or journal holds
-        anything, everything committed is in the file itself, and it is read
-        as it is (`immutable`: no -shm, no lock, no write); `read_as_is` says
-        why. Otherwise the error is raised."""
+        With no agent holding the run lock of the spool's directory, a WAL-mode
+        file is read exactly as the agent left it, committed WAL content
+        included, creating, writing and deleting nothing (see `stopped`).
+        `as_left` is then true: such a read takes no lock, so an agent that
+        starts meanwhile is not kept out, and the caller checks the run lock
+        again once it has read what it needs.
+
+        While an agent runs, the connection shares its WAL index (`-shm`),
+        which SQLite creates and sizes (writes) if it is missing, even for a
+        read-only connection: on a full disk that fails ("disk I/O error").
+        Then, if no WAL or journal holds anything, everything committed is in
+        the file itself, and it is read as it is (`immutable`: no -shm, no
+        lock, no write); `read_as_is` says why. Otherwise the error is raised."""
         path = Path(path)
         if not path.exists():
             return None
         uri = "file:" + urllib.parse.quote(str(path))  # a '?' or '#' in the path is not the URI's
-        try:
-            conn = _connect_readonly(f"{uri}?mode=ro")
-        except sqlite3.OperationalError as e:
-            if any(_size(Path(f"{path}{suffix}")) for suffix in ("-wal", "-journal")):
-                raise
-            conn, reason = _connect_readonly(f"{uri}?mode=ro&immutable=1"), str(e)
+        as_left, reason = holder(path.parent)[0] is None and is_wal_file(path), ""
+        if as_left:
+            conn = connect_as_left(path, uri)
         else:
-            reason = ""
+            try:
+                conn = connect_readonly(f"{uri}?mode=ro")
+            except sqlite3.OperationalError as e:
+                if any(_size(Path(f"{path}{suffix}")) for suffix in ("-wal", "-journal")):
+                    raise
+                conn, reason = connect_readonly(f"{uri}?mode=ro&immutable=1"), str(e)
         if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
             conn.close()
             return None
         spool = cls(conn, path, 0, "full", "readonly", 0)
-        spool.read_as_is = reason
+        spool.read_as_is, spool.as_left = reason, as_left
         return spool
 
     def take_losses(self) -> list[Record]:
