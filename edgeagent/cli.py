@@ -160,10 +160,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_status(cfg: Any) -> dict[str, Any]:
+def _read_status(cfg: Any, again: bool = False) -> dict[str, Any]:
     import sqlite3
 
     from edgeagent.spool import Spool
+    from edgeagent.statedir import holder
 
     out: dict[str, Any] = {
         "state_dir": str(cfg.state_dir),
@@ -200,6 +201,8 @@ def _read_status(cfg: Any) -> dict[str, Any]:
         _cannot_read(out, e)
     finally:
         spool.close()
+    if spool.as_left and not again and holder(cfg.state_dir)[0] is not None:
+        return _read_status(cfg, again=True)  # an agent started while it was read without locks: read it anew
     agent = out.get("agent", {})
     if agent.get("state") == "running" and not _alive(agent.get("pid")):
         agent["state"] = "not running (last seen running; killed or crashed)"
