@@ -151,13 +151,14 @@ class AgentProcess:
         self.stderr_path = config_path.with_suffix(".stderr")
         self.runs = 0
         self.status_failure = ""  # why the last `status()` returned {}
+        self.prefix: list[str] = []  # run under this command (e.g. nsenter into a namespace the test made)
 
     def start(self, wait_ready: bool = True) -> None:
         self.runs += 1
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self._stderr = open(self.stderr_path, "ab")  # noqa: SIM115 - kept open for the child's lifetime
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "edgeagent", "run", "-c", str(self.config_path)],
+            [*self.prefix, sys.executable, "-m", "edgeagent", "run", "-c", str(self.config_path)],
             stdout=subprocess.DEVNULL,
             stderr=self._stderr,
             env=env,
