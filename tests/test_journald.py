@@ -17,7 +17,7 @@ import pytest
 from conftest import spool_records, wait_for
 
 from edgeagent.config import loads
-from edgeagent.sources.journald import ExportParser, JournaldSource, entry_record
+from edgeagent.sources.journald import ExportParser, JournaldSource, entry_record, same_entry
 
 JOURNAL_REMOTE = "/lib/systemd/systemd-journal-remote"
 JOURNALCTL = shutil.which("journalctl")
@@ -240,6 +240,20 @@ start_at = "end"
     assert source.command("s=1;i=2")[5:10] == ["--follow", "--merge", "--cursor", "s=1;i=2", "--no-tail"]
     assert source.command("s=1;i=2", follow=False)[-2:] == ["--cursor", "s=1;i=2"]
     assert source.command(None, follow=False)[-2:] == ["--system", "--lines=1"]
+
+
+def test_same_entry_is_the_entry_whatever_its_sequence_number() -> None:
+    """journald's flush copies an entry to /var/log/journal under a new file set id and sequence number (s=,
+    i=); its boot, timestamps and hash (b=, m=, t=, x=) stay."""
+    cursor = (
+        "s=3ec2b31f558045d797480a70a58377dc;i=66;b=4e335668fed541dc861d119f9cd12ba4;m=de2b6c7d6;t=661818eb6dbb6;x=1e28"
+    )
+    flushed = cursor.replace("s=3ec2b31f", "s=fe2ecca3").replace("i=66", "i=130")
+    assert same_entry(cursor, flushed)
+    assert not same_entry(cursor, cursor.replace("m=de2b6c7d6", "m=de2b6c7d7"))
+    assert not same_entry(cursor, cursor.replace("x=1e28", "x=1e29"))
+    assert not same_entry(cursor, "s=3ec2b31f558045d797480a70a58377dc;i=66")  # not enough to tell: not the same
+    assert same_entry("opaque", "opaque") and not same_entry("opaque", "other")
 
 
 # --- real journal files, real agent ----------------------------------------------------------------------

@@ -229,3 +229,37 @@ def test_live_journal_restarts_resume_exactly(live_journal: LiveJournal, make_ag
     assert sorted(got) == list(range(total + 500)), agent_report(agent)
     assert kills >= 1, "the agent was never killed mid-stream"
     assert agent.stop() == 0
+
+
+def test_live_journal_flush_to_persistent_storage_repeats_nothing(live_journal: LiveJournal, make_agent: Any) -> None:
+    """journald's flush (systemd-journal-flush.service at every boot, `journalctl --flush`) copies the runtime
+    journal to /var/log/journal: each entry gets a new cursor there (s=, i=) and the runtime files go. The
+    agent took its stored cursor for a vacuumed one: a false gap record and the whole journal read again
+    (100 entries twice here). A flush while it runs, and a restart after one, now repeat and lose nothing."""
+    agent = live_journal.agent(make_agent(CONFIG))
+    live_journal.write_native("f", 0, 100)
+    agent.start()
+    wait_for(lambda: len(numbers(journal_records(agent.state_dir), "f")) == 100, 30, what="the runtime entries")
+    assert agent.stop() == 0
+    live_journal.run("journalctl", "--flush")  # while the agent is stopped
+    live_journal.write_native("f", 100, 100)
+    agent.start()
+    live_journal.write_native("f", 200, 100)
+    wait_for(lambda: len(numbers(journal_records(agent.state_dir), "f")) >= 300, 30, what="the entries after the flush")
+    live_journal.run("journalctl", "--relinquish-var")  # back to /run (as at shutdown), then a flush while it runs
+    live_journal.write_native("f", 300, 100)
+    live_journal.run("journalctl", "--flush")
+    live_journal.write_native("f", 400, 100)
+    wait_for(
+        lambda: len(numbers(journal_records(agent.state_dir), "f")) >= 500, 30, what="the entries around the flush"
+    )
+    agent.kill()
+    agent.start()
+    live_journal.write_native("f", 500, 100)
+    wait_for(lambda: len(numbers(journal_records(agent.state_dir), "f")) >= 600, 30, what="the entries after kill -9")
+    status = agent.status()
+    got = numbers(journal_records(agent.state_dir), "f")
+    assert len(got) == len(set(got)), f"{len(got) - len(set(got))} entries twice\n{agent_report(agent)}"
+    assert sorted(got) == list(range(600))
+    assert status["sources"]["journald"]["gaps"] == 0 and status["counters"].get("journald_gaps", 0) == 0
+    assert agent.stop() == 0

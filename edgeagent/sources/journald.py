@@ -9,9 +9,10 @@ Position and exactly-once (guarantee 1): every batch carries the cursor of its l
 "journald" ("journald:<directory>" for a directory), so the spool commits records and cursor in one
 transaction; the child is started at the stored one (`--cursor`, its own entry dropped: before systemd 255,
 `--after-cursor` skips the first entry that matches the filters when the cursor's entry does not). Kill -9
-at any point therefore neither loses nor repeats an entry. Following reads every boot in the journal
-(`--merge`; journalctl's `--follow` alone keeps to the latest boot since systemd 250), so a reboot loses
-nothing either.
+at any point therefore neither loses nor repeats an entry. Cursors are compared by what stays with the entry
+(`same_entry`: boot id, timestamps, hash), not as strings: journald's flush to /var/log/journal gives every
+entry a new cursor. Following reads every boot in the journal (`--merge`; journalctl's `--follow` alone keeps
+to the latest boot since systemd 250), so a reboot loses nothing either.
 
 A stored cursor that is no longer in the journal (vacuumed or rotated away while the agent was stopped) is
 detected before following (`journalctl --cursor C` must return C first); reading then starts at the oldest
@@ -153,6 +154,21 @@ class ExportParser:
         self._entry.setdefault(name, value)
 
 
+def same_entry(cursor: str, other: str) -> bool:
+    """Whether two cursors name the same journal entry. Its boot id, monotonic and realtime timestamps and
+    the XOR hash of its fields (b=, m=, t=, x=) stay with the entry; its sequence number and the file set's
+    id (s=, i=) do not: journald's flush (`journalctl --flush`, systemd-journal-flush.service) copies the
+    runtime journal to /var/log/journal under new ones, and journalctl's `--cursor` then finds the copy."""
+    if cursor == other:
+        return True
+    mine, theirs = _cursor_fields(cursor), _cursor_fields(other)
+    return all(mine.get(key) == theirs.get(key) is not None for key in ("b", "m", "t", "x"))
+
+
+def _cursor_fields(cursor: str) -> dict[str, str]:
+    return dict(item.partition("=")[::2] for item in cursor.split(";"))
+
+
 def boot_id_hex(boot_id: str) -> str:
     return boot_id.replace("-", "").lower()
 
@@ -290,7 +306,7 @@ class JournaldSource:
         oldest entry); with no cursor and start_at = "end", the last entry's cursor is stored. Raises
         TimeoutError when journalctl does not answer in time: a slow journal is not a vacuumed one (taking it
         for one reported a gap that was not there and read the whole journal again)."""
-        if self._cursor is not None and await self._first_cursor(self._cursor) != self._cursor:
+        if self._cursor is not None and not same_entry(self._cursor, await self._first_cursor(self._cursor) or ""):
             self._report_gap(self._cursor)
             self._cursor, self._from_oldest = None, True
         elif self._cursor is None and not self._from_oldest and self.cfg.start_at == "end":
@@ -349,7 +365,7 @@ class JournaldSource:
             while data := await proc.stdout.read(READ_SIZE):
                 entries = parser.feed(data)
                 if entries and handed_over is not None:
-                    if entries[0].get("__CURSOR", b"").decode("ascii", "replace") == handed_over:
+                    if same_entry(handed_over, entries[0].get("__CURSOR", b"").decode("ascii", "replace")):
                         entries = entries[1:]
                     handed_over = None
                 if entries:
