@@ -23,7 +23,9 @@ Guarantees:
 
 `client_context()` is the one place that makes a client SSLContext (MQTT
 session, OTLP/HTTP uploader, config check, fleet operator): verification on,
-the files named by their config key when they cannot be used.
+the files named by their config key when they cannot be used, and the
+system's CA store looked up lazily when that trusts exactly the same CAs
+(`system_ca_dir`).
 """
 
 from __future__ import annotations
@@ -166,7 +168,10 @@ def client_context(files: TlsFiles, *, check_hostname: bool = True, verify: bool
     import ssl  # only here: TLS is kept out of processes that do not use it
 
     try:
-        context = ssl.create_default_context(cafile=files.ca_file or None)
+        if files.ca_file:
+            context = ssl.create_default_context(cafile=files.ca_file)
+        else:
+            context = ssl.create_default_context(capath=system_ca_dir())  # None: the system's defaults, eagerly
     except OSError as e:  # ssl.SSLError is one
         expected = f"a readable PEM file of CA certificates ({_why(e)})"
         raise TlsFileError(files.key("ca_file"), files.ca_file, expected) from None
@@ -184,6 +189,58 @@ def client_context(files: TlsFiles, *, check_hostname: bool = True, verify: bool
     if not verify:
         context.verify_mode = ssl.CERT_NONE
     return context
+
+
+_HASHED_NAME = re.compile(r"[0-9a-f]{8}\.\d+")  # what `openssl rehash` names its links: subject hash . n
+_PEM_BLOCK = re.compile(r"-----BEGIN ([A-Z0-9 ]+)-----(.*?)-----END \1-----", re.DOTALL)
+
+
+def system_ca_dir() -> str | None:
+    """The system's hashed CA directory when trusting it alone trusts exactly
+    what the system's defaults do, else None.
+
+    The defaults (`load_default_certs`: OpenSSL's default CA file and
+    directory, or SSL_CERT_FILE / SSL_CERT_DIR) read the whole CA file into
+    memory (on Debian ~140 certificates, about 1.3 MiB of RSS), while a hashed
+    directory is read at verification time, one issuer at a time. The directory
+    trusts no more than the defaults (it is one of them); it trusts as much when
+    every certificate of the CA file is also one of its hashed files, which is
+    how Debian, Yocto (update-ca-certificates) and OpenWrt (ca-certificates with
+    ca-bundle) install them. OpenWrt's ca-bundle alone has no hashed directory:
+    None, the defaults."""
+    import ssl
+
+    paths = ssl.get_default_verify_paths()  # the environment's SSL_CERT_FILE / SSL_CERT_DIR included
+    if not paths.capath:
+        return None
+    try:
+        hashed = [entry.path for entry in os.scandir(paths.capath) if _HASHED_NAME.fullmatch(entry.name)]
+        if not hashed:
+            return None
+        if not paths.cafile:  # the defaults are the directory alone
+            return paths.capath
+        in_file = _certificates(paths.cafile)
+        if in_file is None:
+            return None
+        in_dir: set[str] = set()
+        for path in hashed:
+            in_dir |= _certificates(path) or set()
+    except OSError:
+        return None
+    return paths.capath if in_file <= in_dir else None
+
+
+def _certificates(path: str) -> set[str] | None:
+    """The certificates of a PEM file (their base64, whitespace removed); None
+    when it holds anything else (trust settings, CRLs: only the defaults read them alike)."""
+    with open(path, encoding="ascii", errors="replace") as f:
+        text = f.read()
+    found = set()
+    for kind, body in _PEM_BLOCK.findall(text):
+        if kind != "CERTIFICATE":
+            return None
+        found.add("".join(body.split()))
+    return found
 
 
 def _why(error: OSError) -> str:

@@ -20,35 +20,13 @@ from typing import Any
 import pytest
 from conftest import REPO, AgentProcess, Broker, free_port, wait_for
 from mqtt_helpers import Subscriber, bodies
-from tls import Pki, make_pki, mosquitto_tls_listener
+from tls import Pki, agent_config, make_pki, mosquitto_tls_listener
 
 from edgeagent.fleet.envelope import Envelope
 from edgeagent.fleet.operator import BrokerOptions, Connection
 
 TOPIC = "edgeagent/gw-tls/logs"
 OPENSSL = ("libssl.so", "libcrypto.so", "_ssl.", "_hashlib.")
-
-
-def agent_config(log: Path, mqtt: str, extra: str = "") -> str:
-    return f"""
-device_id = "gw-tls"
-state_dir = "{{state_dir}}"
-[kmsg]
-enabled = false
-[[files]]
-include = ["{log}"]
-start_at = "beginning"
-[spool]
-flush_interval = "100ms"
-[upload]
-to = "mqtt"
-retry_initial = "200ms"
-retry_max = "1s"
-[mqtt]
-{mqtt}
-first_connect_delay = "0s"
-{extra}
-"""
 
 
 @pytest.fixture(scope="module")

@@ -73,6 +73,16 @@ def make_pki(directory: Path) -> Pki:
     return Pki(ca[1], server_cert, server_key, client_cert, client_key, other[1])
 
 
+def server_certificate(pki: Pki, directory: Path, name: str, subject_alt_name: str) -> tuple[Path, Path]:
+    """(key, certificate) of another server certificate signed by the test CA, made in `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca = (directory / "test-ca.key", directory / "test-ca.crt")
+    ca[0].write_bytes(pki.ca_cert.with_suffix(".key").read_bytes())
+    ca[1].write_bytes(pki.ca_cert.read_bytes())
+    extensions = f"basicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\nsubjectAltName={subject_alt_name}\n"
+    return _make_leaf(directory, name, ca, extensions)
+
+
 def mosquitto_tls_listener(pki: Pki, port: int, require_client_cert: bool = False) -> str:
     """mosquitto.conf lines for a TLS listener on 127.0.0.1:`port` with the test server certificate."""
     return (
@@ -80,3 +90,26 @@ def mosquitto_tls_listener(pki: Pki, port: int, require_client_cert: bool = Fals
         f"cafile {pki.ca_cert}\ncertfile {pki.server_cert}\nkeyfile {pki.server_key}\n"
         f"require_certificate {'true' if require_client_cert else 'false'}\n"
     )
+
+
+def agent_config(log: Path, mqtt: str, extra: str = "") -> str:
+    """A real agent's config: `log` read from the beginning and sent over MQTT (`mqtt`: the [mqtt] lines)."""
+    return f"""
+device_id = "gw-tls"
+state_dir = "{{state_dir}}"
+[kmsg]
+enabled = false
+[[files]]
+include = ["{log}"]
+start_at = "beginning"
+[spool]
+flush_interval = "100ms"
+[upload]
+to = "mqtt"
+retry_initial = "200ms"
+retry_max = "1s"
+[mqtt]
+{mqtt}
+first_connect_delay = "0s"
+{extra}
+"""
