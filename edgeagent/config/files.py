@@ -43,6 +43,8 @@ def check_mqtt_files(config: Config) -> None:
         return
     if mqtt.key_file and not mqtt.cert_file:
         raise error_at(config, "mqtt.key_file", mqtt.key_file, "mqtt.cert_file as well (the client certificate)")
+    if not (mqtt.ca_file or mqtt.cert_file):
+        return  # nothing to check: the system's CA store is OpenSSL's to find (edgeagent.tls.client_context)
     from edgeagent import tls  # its ssl only here: most of the agent never needs it
 
     try:
