@@ -9,6 +9,7 @@ import shutil
 import signal
 import struct
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -368,28 +369,38 @@ def test_vacuumed_cursor_resumes_at_the_oldest_entry_with_a_gap_record(make_agen
     assert agent.stop() == 0
 
 
+def read_100_then_wrap_journalctl(make_agent: Any, tmp_path: Path, tag: str, wrapper: str) -> tuple[Any, Path]:
+    """An agent that read 100 entries tagged `tag` from a journal directory and was stopped; from its next
+    start on, its journalctl is `wrapper` (a script around the real one). Returns the agent and directory."""
+    journal = tmp_path / "journal"
+    journal.mkdir()
+    write_journal(journal / "first.journal", numbered_entries(tag, 0, 100))
+    agent = make_agent(config(journal))
+    agent.start()
+    wait_for(lambda: spooled(agent.state_dir) >= 100, 60, what="the first entries")
+    assert agent.stop() == 0
+    script = tmp_path / "wrapped-journalctl"
+    script.write_text(wrapper)
+    script.chmod(0o755)
+    agent.config_path.write_text(
+        config(journal, f'journalctl = "{script}"').replace("{state_dir}", str(agent.state_dir))
+    )
+    return agent, journal
+
+
 @needs_tools
 def test_a_journalctl_slower_than_the_check_is_not_a_vacuumed_cursor(make_agent: Any, tmp_path: Path) -> None:
     """journalctl that lists nothing within the 30 s check (a large journal on slow flash, a loaded machine)
     was taken for a vacuumed cursor: a gap record that was false, and the whole journal read again (100
     duplicates here). Now the check is asked again, with backoff. journalctl here is the real one behind a
     wrapper that delays its first listing from a cursor by 35 s."""
-    journal = tmp_path / "journal"
-    journal.mkdir()
-    write_journal(journal / "first.journal", numbered_entries("s", 0, 100))
-    agent = make_agent(config(journal))
-    agent.start()
-    wait_for(lambda: spooled(agent.state_dir) >= 100, 60, what="the first entries")
-    assert agent.stop() == 0
-    slow = tmp_path / "slow-journalctl"
-    slow.write_text(
+    slow = (
         "#!/bin/sh\n"
         f'case " $* " in *" --follow "*) ;; *" --cursor "*) [ -e "{tmp_path}/slowed" ] || '
         f'{{ touch "{tmp_path}/slowed"; sleep 35; }} ;; esac\n'
         f'exec {JOURNALCTL} "$@"\n'
     )
-    slow.chmod(0o755)
-    agent.config_path.write_text(config(journal, f'journalctl = "{slow}"').replace("{state_dir}", str(agent.state_dir)))
+    agent, journal = read_100_then_wrap_journalctl(make_agent, tmp_path, "s", slow)
     agent.start()
     write_journal(journal / "second.journal", numbered_entries("s", 100, 50))
     wait_for(lambda: spooled(agent.state_dir) >= 150, 120, what="the entries written after the slow check")
@@ -398,6 +409,36 @@ def test_a_journalctl_slower_than_the_check_is_not_a_vacuumed_cursor(make_agent:
     assert sorted(got) == list(range(150)), f"{len(got) - len(set(got))} duplicates"
     assert not [r for r in records if r["attributes"].get("edgeagent.loss.reason")]
     assert agent.status()["counters"].get("journald_gaps", 0) == 0
+    assert agent.stop() == 0
+
+
+# A journalctl whose cursor check (the listing without --follow) hands the agent its output in one write
+# into a 1 MiB pipe: the agent's first read finds more than its stream reader's limit, as when a loaded agent
+# reads late, and the reader pauses the pipe. Following is the real journalctl.
+BURSTING_JOURNALCTL = f"""#!{sys.executable}
+import fcntl, os, subprocess, sys
+if "--follow" in sys.argv:
+    os.execv({JOURNALCTL!r}, [{JOURNALCTL!r}, *sys.argv[1:]])
+fcntl.fcntl(1, 1031, 1 << 20)  # F_SETPIPE_SZ
+listing = subprocess.run([{JOURNALCTL!r}, *sys.argv[1:]], stdout=subprocess.PIPE, check=True).stdout
+os.write(1, listing[: 1 << 19])
+"""
+
+
+@needs_tools
+def test_a_cursor_check_whose_output_was_not_read_does_not_hang_the_source(make_agent: Any, tmp_path: Path) -> None:
+    """The cursor check reads the first line of `journalctl --cursor C` and kills it. When more than the
+    stream reader's limit had arrived by then, asyncio had paused the pipe, and the wait for the killed child
+    never returned (Python 3.11 reports a child's exit once its pipes reached EOF, which a paused pipe never
+    does): the source stayed "starting", reading nothing, for good (the kill -9 test's CI timeout). Here the
+    first read always finds 256 KiB; the entries written while the agent was stopped must arrive."""
+    agent, journal = read_100_then_wrap_journalctl(make_agent, tmp_path, "b", BURSTING_JOURNALCTL)
+    write_journal(journal / "second.journal", numbered_entries("b", 100, 3000))  # about 1 MiB from the cursor on
+    agent.start()
+    wait_for_spooled(agent, 3100, "the entries after the check", stalled_after=30)
+    got = numbers(journal_records(agent.state_dir), "b")
+    assert sorted(got) == list(range(3100)), f"{len(got) - len(set(got))} duplicates"
+    assert agent.status()["sources"]["journald"]["state"] == "running"
     assert agent.stop() == 0
 
 

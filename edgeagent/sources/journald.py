@@ -46,6 +46,7 @@ SOURCE = "journald"
 READ_SIZE = 64 * 1024
 RETRY_INITIAL, RETRY_MAX = 1.0, 60.0
 CHECK_TIMEOUT = 30.0
+END_TIMEOUT = 10.0  # for a killed journalctl to be reaped
 
 # Journal field -> attribute name (OpenTelemetry semantic conventions where one exists), and whether the
 # value is a number. Other trusted fields (leading "_") are left out; user fields go to `journald.<name>`.
@@ -167,6 +168,24 @@ def same_entry(cursor: str, other: str) -> bool:
 
 def _cursor_fields(cursor: str) -> dict[str, str]:
     return dict(item.partition("=")[::2] for item in cursor.split(";"))
+
+
+async def end_child(proc: asyncio.subprocess.Process) -> None:
+    """Kill journalctl and reap it, reading and dropping what it wrote that nobody read. Python 3.11's
+    asyncio reports a child's exit (`wait()`) only once its pipes reached EOF, and a pipe whose reader paused
+    it (more than twice the stream's limit unread: the agent read late) never does: the cursor check waited
+    for good, the source stayed "starting" and read nothing. Bounded: a journalctl that is not gone within
+    END_TIMEOUT of SIGKILL is logged and left."""
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
+    try:
+        async with asyncio.timeout(END_TIMEOUT):
+            if proc.stdout is not None:
+                while await proc.stdout.read(READ_SIZE):
+                    pass
+            await proc.wait()
+    except TimeoutError:
+        log.warning("journald: journalctl (pid %d) did not end within %.0f s of SIGKILL", proc.pid, END_TIMEOUT)
 
 
 def boot_id_hex(boot_id: str) -> str:
@@ -331,9 +350,7 @@ class JournaldSource:
         try:
             first = await asyncio.wait_for(proc.stdout.readline(), CHECK_TIMEOUT)
         finally:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
+            await end_child(proc)
         if not first.startswith(b"__CURSOR="):
             return None
         return first[len(b"__CURSOR=") :].rstrip(b"\n").decode("ascii", "replace")
@@ -407,13 +424,8 @@ class JournaldSource:
 
     async def _stop_child(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(proc.wait(), 10)
+        if proc is not None:
+            await end_child(proc)
 
     def _fail(self, message: str) -> None:
         if message != self._error:
