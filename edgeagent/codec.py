@@ -27,11 +27,14 @@ Guarantees:
 
 Thread safety: zstd contexts are not thread-safe, so each thread uses its own
 `ChunkCodec` (they are cheap); the module-level functions hold no state.
-`BackgroundCompressor` compresses on a thread of its own (the batcher's).
+`BackgroundCompressor` compresses on a thread of its own (the batcher's), or
+inline where the process has one CPU to run on.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NamedTuple
@@ -42,6 +45,8 @@ from edgeagent import otlp
 from edgeagent.errors import CannotSplit, CorruptChunk
 from edgeagent.otlp import ChunkEncoder, DecodeError, iter_fields
 from edgeagent.records import Batch
+
+log = logging.getLogger(__name__)
 
 ZSTD_LEVEL = 3
 # Chunks of BULK_MIN_BYTES and more (a file read in bulk: 256 KiB of text make about 290 KiB of protobuf) use
@@ -95,15 +100,31 @@ class BackgroundCompressor:
     third of the agent's CPU under load). The thread starts at the first
     `submit` and otherwise waits without waking up; it uses a `ChunkCodec` of
     its own (zstd contexts are not thread-safe). Results come back in
-    submission order: one worker."""
+    submission order: one worker.
+
+    Where the process may run on one CPU only (its affinity, read at the first
+    `submit`: a single-core device, `taskset`, a cpuset), there is no second
+    core to run on: the thread would only add GIL hand-overs and context
+    switches: +0.06 to +0.09 CPU s and +0.06 to +0.11 s wall per million lines
+    (BENCHMARKS.md, "One CPU"). `submit` then compresses at once, on the calling
+    thread, and returns a future that is already done."""
 
     def __init__(self, thread_start: Callable[[], None] | None = None) -> None:
         self._executor: ThreadPoolExecutor | None = None
+        self._inline: bool | None = None  # decided at the first submit
         self._thread_start = thread_start  # run first in the thread (the agent's: it takes no signals)
-        self._codec = ChunkCodec()  # used by the worker thread only
+        self._codec = ChunkCodec()  # used by the worker thread only (or the caller's, inline)
 
     def submit(self, requests: list[bytes]) -> Future[list[bytes]]:
-        """The chunk payloads of `requests`, compressed on the worker thread."""
+        """The chunk payloads of `requests`, compressed on the worker thread (or at once: see above)."""
+        if self._inline is None:
+            self._inline = usable_cpus() < 2
+            if self._inline:
+                log.info("one CPU to run on: chunks are compressed on the event loop's thread")
+        if self._inline:
+            done: Future[list[bytes]] = Future()
+            done.set_result(self._compress(requests))
+            return done
         if self._executor is None:
             self._executor = ThreadPoolExecutor(
                 max_workers=1, thread_name_prefix="edgeagent-compress", initializer=self._thread_start
@@ -112,6 +133,15 @@ class BackgroundCompressor:
 
     def _compress(self, requests: list[bytes]) -> list[bytes]:
         return [self._codec.compress(request) for request in requests]
+
+
+def usable_cpus() -> int:
+    """How many CPUs this process may run on (its affinity; the CPU count where
+    the platform has no affinity)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 class ChunkCodec:

@@ -16,6 +16,8 @@ from typing import Any
 from conftest import Broker, wait_for
 from test_mqtt_agent import agent_config, uploader_status
 
+from edgeagent.codec import usable_cpus
+
 REQUESTS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
 
@@ -39,7 +41,8 @@ def test_only_the_loop_thread_takes_request_signals(tmp_path: Path, mosquitto: B
     threads = sorted(int(tid) for tid in os.listdir(f"/proc/{pid}/task"))
     workers = [tid for tid in threads if tid != pid]
     names = {tid: Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip() for tid in threads}
-    assert len(workers) >= 2, f"expected the compressing and the connecting threads, got {names}"
+    expected = 2 if usable_cpus() >= 2 else 1  # with one CPU, chunks are compressed on the loop's thread
+    assert len(workers) >= expected, f"expected the compressing and the connecting threads, got {names}"
     assert not blocked_signals(pid, pid) & set(REQUESTS), "the loop thread must take them"
     for tid in workers:
         assert set(REQUESTS) <= blocked_signals(pid, tid), f"worker thread {tid} ({names[tid]}) takes them"

@@ -46,7 +46,8 @@ class Batcher:
     (`wait_writable`). Positions are committed only with their records.
 
     A chunk that is full (by records or bytes) is encoded at once and
-    compressed on the codec's background thread while the loop reads and
+    compressed on the codec's background thread (at once where the process
+    has one CPU to run on) while the loop reads and
     encodes the next ones; its commit (with exactly the positions and counters
     handed over with its records) follows when the compression is done, or
     before anything else is committed: commits stay in order, at most

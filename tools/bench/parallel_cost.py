@@ -9,11 +9,15 @@ that the machine's drift (the same work took 0.9 to 1.3 CPU s within an hour) ca
    compressed on the loop thread (`codec.BackgroundCompressor.submit` replaced in the process by a call that
    compresses at once: this script re-executes itself as the agent's wrapper for that). CPU s of all the
    agent's threads when the last line reached the subscriber, and wall time.
+3. `agent --one-cpu`: the same pairs with the agent started under `taskset -c N` (one CPU to run on, as on a
+   single-core device). As shipped, the agent then compresses inline by itself (`codec.usable_cpus`); the
+   other run of each pair forces the compressing thread (`usable_cpus` replaced in the process), to show
+   what that thread would cost there.
 
 Each pair's difference is reported, and the median of the differences. No quiet-machine wait: the pairs are
 what makes the figures comparable; a pair with other load on the machine moves both of its runs.
 
-usage: tools/bench/parallel_cost.py [--pairs N] [--lines N] [--only machine|agent]
+usage: tools/bench/parallel_cost.py [--pairs N] [--lines N] [--only machine|agent] [--one-cpu]
        (run `tools/bench/run` once first: it makes the corpus)
 """
 
@@ -31,10 +35,12 @@ import time
 from pathlib import Path
 
 INLINE_WRAPPER = "--as-agent-compressing-inline"
+THREAD_WRAPPER = "--as-agent-compressing-on-its-thread"
 
 
-def _agent_compressing_inline(argv: list[str]) -> None:
-    """This process becomes `edgeagent run ARGV`, compressing each chunk where it was encoded."""
+def _agent_as(wrapper: str, argv: list[str]) -> None:
+    """This process becomes `edgeagent run ARGV`, compressing each chunk where it was encoded (INLINE_WRAPPER)
+    or on the compressing thread whatever the CPUs (THREAD_WRAPPER)."""
     from concurrent.futures import Future
 
     from edgeagent import codec
@@ -44,13 +50,16 @@ def _agent_compressing_inline(argv: list[str]) -> None:
         done.set_result(self._compress(requests))
         return done
 
-    codec.BackgroundCompressor.submit = submit  # type: ignore[method-assign]
+    if wrapper == INLINE_WRAPPER:
+        codec.BackgroundCompressor.submit = submit  # type: ignore[method-assign]
+    else:
+        codec.usable_cpus = lambda: 2
     sys.argv = ["edgeagent", "run", *argv]
     runpy.run_module("edgeagent", run_name="__main__")
 
 
-if len(sys.argv) > 1 and sys.argv[1] == INLINE_WRAPPER:
-    _agent_compressing_inline(sys.argv[2:])
+if len(sys.argv) > 1 and sys.argv[1] in (INLINE_WRAPPER, THREAD_WRAPPER):
+    _agent_as(sys.argv[1], sys.argv[2:])
     sys.exit(0)
 
 HERE = Path(__file__).resolve().parent
@@ -93,7 +102,8 @@ def machine_pairs(corpus: Path, pairs: int) -> None:
     print(f"machine: each of two at once took {100 * statistics.median(slower):+.1f} % CPU (median of {len(slower)})")
 
 
-def _agent_run(corpus: Path, last_line: bytes, lines: int, inline: bool) -> tuple[float, float]:
+def _agent_run(corpus: Path, last_line: bytes, lines: int, wrapper: str, prefix: list[str]) -> tuple[float, float]:
+    """CPU s and wall s of the agent (as shipped with `wrapper` "", else through it) until the last line."""
     work = OUT / "runs" / "parallel-agent"
     shutil.rmtree(work, ignore_errors=True)
     broker = Broker(work / "broker")
@@ -101,9 +111,9 @@ def _agent_run(corpus: Path, last_line: bytes, lines: int, inline: bool) -> tupl
     sub = Subscriber(broker.port, TOPIC, needle=last_line)
     config = work / "agent.toml"
     config.write_text(agent_config(work / "state", files_mqtt_config(corpus, broker.port)))
-    wrapper = [str(Path(__file__).resolve()), INLINE_WRAPPER] if inline else ["-m", "edgeagent", "run"]
+    command = [str(Path(__file__).resolve()), wrapper] if wrapper else ["-m", "edgeagent", "run"]
     agent = Measured(
-        [str(VENV_PYTHON), *wrapper, "-c", str(config)],
+        [*prefix, str(VENV_PYTHON), *command, "-c", str(config)],
         cwd=REPO,
         stderr_path=work / "agent.stderr",
         env=dict(os.environ, PYTHONUNBUFFERED="1"),
@@ -120,24 +130,30 @@ def _agent_run(corpus: Path, last_line: bytes, lines: int, inline: bool) -> tupl
         broker.stop()
 
 
-def agent_pairs(corpus: Path, pairs: int) -> None:
+def agent_pairs(corpus: Path, pairs: int, one_cpu: bool) -> None:
     compile_tree(REPO)
+    # (label, wrapper) of the two runs of a pair: compressing on the thread, then inline.
+    if one_cpu:
+        prefix = ["taskset", "-c", str(min(os.sched_getaffinity(0)))]
+        runs = (("one CPU, thread forced", THREAD_WRAPPER), ("one CPU, inline (as shipped)", ""))
+    else:
+        prefix, runs = [], (("compressing behind", ""), ("inline", INLINE_WRAPPER))
     last_line = last_line_of(corpus)
     with open(corpus, "rb") as f:
         lines = sum(1 for _ in f)
     cpu_diff, wall_diff = [], []
     for pair in range(1, pairs + 1):
-        behind_cpu, behind_wall = _agent_run(corpus, last_line, lines, inline=False)
-        inline_cpu, inline_wall = _agent_run(corpus, last_line, lines, inline=True)
+        behind_cpu, behind_wall = _agent_run(corpus, last_line, lines, runs[0][1], prefix)
+        inline_cpu, inline_wall = _agent_run(corpus, last_line, lines, runs[1][1], prefix)
         cpu_diff.append(behind_cpu - inline_cpu)
         wall_diff.append(behind_wall - inline_wall)
         print(
-            f"agent pair {pair}: compressing behind {behind_cpu:.2f} CPU s, {behind_wall:.2f} s wall; "
-            f"inline {inline_cpu:.2f} CPU s, {inline_wall:.2f} s wall"
+            f"agent pair {pair}: {runs[0][0]} {behind_cpu:.2f} CPU s, {behind_wall:.2f} s wall; "
+            f"{runs[1][0]} {inline_cpu:.2f} CPU s, {inline_wall:.2f} s wall"
         )
     print(
-        f"agent: compressing behind costs {statistics.median(cpu_diff):+.3f} CPU s and "
-        f"{statistics.median(wall_diff):+.3f} s wall against inline (medians of {pairs} pairs' differences)"
+        f"agent: {runs[0][0]} costs {statistics.median(cpu_diff):+.3f} CPU s and "
+        f"{statistics.median(wall_diff):+.3f} s wall against {runs[1][0]} (medians of {pairs} pairs' differences)"
     )
 
 
@@ -146,6 +162,7 @@ def main() -> int:
     parser.add_argument("--pairs", type=int, default=10)
     parser.add_argument("--lines", type=int, default=1_000_000)
     parser.add_argument("--only", choices=("machine", "agent"))
+    parser.add_argument("--one-cpu", action="store_true", help="the agent pairs on one CPU (taskset)")
     args = parser.parse_args()
     corpus = OUT / f"corpus-{args.lines}.log"
     if not corpus.exists():
@@ -156,7 +173,7 @@ def main() -> int:
     if args.only in (None, "machine"):
         machine_pairs(corpus, args.pairs)
     if args.only in (None, "agent"):
-        agent_pairs(corpus, args.pairs)
+        agent_pairs(corpus, args.pairs, args.one_cpu)
     return 0
 
 
