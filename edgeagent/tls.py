@@ -167,22 +167,24 @@ def client_context(files: TlsFiles, *, check_hostname: bool = True, verify: bool
     chain too. Raises TlsFileError when a file cannot be used."""
     import ssl  # only here: TLS is kept out of processes that do not use it
 
+    from edgeagent.config.files import reason
+
+    if files.key_file and not files.cert_file:
+        raise TlsFileError(files.key("key_file"), files.key_file, f"{files.key('cert_file')} as well")
     try:
         if files.ca_file:
             context = ssl.create_default_context(cafile=files.ca_file)
         else:
             context = ssl.create_default_context(capath=system_ca_dir())  # None: the system's defaults, eagerly
     except OSError as e:  # ssl.SSLError is one
-        expected = f"a readable PEM file of CA certificates ({_why(e)})"
+        expected = f"a readable PEM file of CA certificates ({reason(e)})"
         raise TlsFileError(files.key("ca_file"), files.ca_file, expected) from None
-    if files.key_file and not files.cert_file:
-        raise TlsFileError(files.key("key_file"), files.key_file, f"{files.key('cert_file')} as well")
     if files.cert_file:
         try:
             context.load_cert_chain(files.cert_file, files.key_file or None)
         except OSError as e:
             raise TlsFileError(
-                files.key("cert_file"), files.cert_file, f"a readable client certificate matching its key ({_why(e)})"
+                files.key("cert_file"), files.cert_file, f"a readable client certificate matching its key ({reason(e)})"
             ) from None
     if not check_hostname or not verify:
         context.check_hostname = False
@@ -241,7 +243,3 @@ def _certificates(path: str) -> set[str] | None:
             return None
         found.add("".join(body.split()))
     return found
-
-
-def _why(error: OSError) -> str:
-    return error.strerror or str(error) or type(error).__name__

@@ -29,7 +29,7 @@ def check_mqtt_files(config: Config) -> None:
         try:
             secret = Path(mqtt.password_file).read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as e:
-            raise error_at(config, "mqtt.password_file", mqtt.password_file, f"a readable file ({_why(e)})") from None
+            raise error_at(config, "mqtt.password_file", mqtt.password_file, f"a readable file ({reason(e)})") from None
         if not secret:
             raise error_at(config, "mqtt.password_file", mqtt.password_file, "a file holding the password, not empty")
     tls_files = {"ca_file": mqtt.ca_file, "cert_file": mqtt.cert_file, "key_file": mqtt.key_file}
@@ -41,9 +41,7 @@ def check_mqtt_files(config: Config) -> None:
                     config, f"mqtt.{name}", path, "mqtt.url to start with mqtts:// (TLS) when TLS files are set"
                 )
         return
-    if mqtt.key_file and not mqtt.cert_file:
-        raise error_at(config, "mqtt.key_file", mqtt.key_file, "mqtt.cert_file as well (the client certificate)")
-    if not (mqtt.ca_file or mqtt.cert_file):
+    if not any(tls_files.values()):
         return  # nothing to check: the system's CA store is OpenSSL's to find (edgeagent.tls.client_context)
     from edgeagent import tls  # its ssl only here: most of the agent never needs it
 
@@ -53,7 +51,8 @@ def check_mqtt_files(config: Config) -> None:
         raise error_at(config, e.key, e.path, e.expected) from None
 
 
-def _why(error: Exception) -> str:
+def reason(error: Exception) -> str:
+    """Why a file could not be used, in a few words (an OSError's strerror)."""
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
     return str(error) or type(error).__name__
