@@ -77,6 +77,17 @@ def write_kmsg(level: int, text: str) -> None:
         os.close(fd)
 
 
+def end_process(proc: subprocess.Popen[Any], timeout: float) -> None:
+    """SIGTERM `proc` if it still runs, and reap it; SIGKILL it if it is not gone within `timeout` s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class Broker:
     """A mosquitto process on 127.0.0.1; `stop()`/`start()` keep the port."""
 
@@ -119,13 +130,8 @@ class Broker:
             return False
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            end_process(self.proc, 5)
         self.proc = None
 
 
