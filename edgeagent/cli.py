@@ -16,10 +16,13 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgeagent import __version__
 from edgeagent.errors import CliError
+
+if TYPE_CHECKING:
+    from edgeagent.spool import Spool
 
 EXIT_CONFIG = 2
 EXIT_RUNTIME = 1
@@ -160,11 +163,28 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_status(cfg: Any, again: bool = False) -> dict[str, Any]:
+def _read_status(cfg: Any) -> dict[str, Any]:
     import sqlite3
 
     from edgeagent.spool import Spool
-    from edgeagent.statedir import holder
+
+    try:
+        out = Spool.read_readonly(cfg.spool_path, lambda spool: _spool_status(cfg, spool))
+    except (sqlite3.Error, OSError) as e:  # a full or failing disk can make even opening fail: the run lock tells
+        out = _spool_status(cfg, None)
+        out["backlog"], out["dead_letters"] = {}, None
+        _cannot_read(out, e)
+    agent = out["agent"]
+    if agent.get("state") == "running" and not _alive(agent.get("pid")):
+        agent["state"] = "not running (last seen running; killed or crashed)"
+    _overlay_run_lock(cfg, out)
+    return out
+
+
+def _spool_status(cfg: Any, spool: Spool | None) -> dict[str, Any]:
+    """What the spool says for `status` (`spool` None: there is none yet). What cannot be read is unknown, not
+    zeros: `status` still shows the rest, and what the run lock says."""
+    import sqlite3
 
     out: dict[str, Any] = {
         "state_dir": str(cfg.state_dir),
@@ -177,14 +197,7 @@ def _read_status(cfg: Any, again: bool = False) -> dict[str, Any]:
         "dead_letters": 0,
         "files": {},
     }
-    unreadable = (sqlite3.Error, OSError, ValueError)  # ValueError: a status value that is not JSON
-    try:  # a full or failing disk can make even reading fail: the run lock still tells
-        spool = Spool.open_readonly(cfg.spool_path)
-    except unreadable as e:
-        spool, out["backlog"], out["dead_letters"] = None, {}, None
-        _cannot_read(out, e)
     if spool is None:
-        _overlay_run_lock(cfg, out)
         return out
     out["backlog"], out["dead_letters"] = {}, None  # unknown until read: never shown as zeros
     if spool.read_as_is:
@@ -197,16 +210,8 @@ def _read_status(cfg: Any, again: bool = False) -> dict[str, Any]:
         out["counters"] = spool.counters()
         out["dead_letters"] = spool.dead_letter_count()
         out["files"] = spool.file_sizes()
-    except unreadable as e:
+    except (sqlite3.Error, OSError, ValueError) as e:  # ValueError: a status value that is not JSON
         _cannot_read(out, e)
-    finally:
-        spool.close()
-    if spool.as_left and not again and holder(cfg.state_dir)[0] is not None:
-        return _read_status(cfg, again=True)  # an agent started while it was read without locks: read it anew
-    agent = out.get("agent", {})
-    if agent.get("state") == "running" and not _alive(agent.get("pid")):
-        agent["state"] = "not running (last seen running; killed or crashed)"
-    _overlay_run_lock(cfg, out)
     return out
 
 
@@ -389,38 +394,41 @@ def cmd_wake(args: argparse.Namespace) -> int:
 
 
 def cmd_spool_dump(args: argparse.Namespace) -> int:
-    import datetime
-
     from edgeagent.codec import ChunkCodec, CorruptChunk
     from edgeagent.spool import Spool
 
     cfg = _load_config(args)
-    spool = Spool.open_readonly(cfg.spool_path)
-    if spool is None:
-        return 0
-    codec = ChunkCodec()
+    items, extra = Spool.read_readonly(cfg.spool_path, lambda spool: _dump_items(spool, args.dead_letters, args.limit))
+    codec = ChunkCodec()  # decoded and written once read: a second read (see `read_readonly`) repeats no line
     out = sys.stdout
-    try:
-        items: list[tuple[str, bytes]]
-        extra: dict[str, dict[str, str]] = {}  # chunk id -> fields added to each of its records
-        if args.dead_letters:
-            items = spool.dead_letter_payloads()
-            for dead in spool.dead_letters(limit=len(items) + 1000):
-                at = datetime.datetime.fromtimestamp(dead["rejected_ns"] / 1e9, datetime.UTC)
-                extra[dead["chunk_id"]] = {"dead_letter_reason": dead["reason"], "dead_letter_at": at.isoformat()}
-        else:
-            items = [(c.chunk_id, c.payload) for c in spool.oldest(args.limit or 10**9)]
-        for chunk_id, payload in items:
-            try:
-                records = codec.records(payload)
-            except CorruptChunk as e:
-                detail = "".join(f"; {k} {v}" for k, v in extra.get(chunk_id, {}).items())
-                print(f"edgeagent: chunk {chunk_id} cannot be decoded: {e}{detail}", file=sys.stderr)
-                continue
-            for record in records:
-                record["chunk_id"] = chunk_id
-                record.update(extra.get(chunk_id, {}))
-                out.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
-    finally:
-        spool.close()
+    for chunk_id, payload in items:
+        try:
+            records = codec.records(payload)
+        except CorruptChunk as e:
+            detail = "".join(f"; {k} {v}" for k, v in extra.get(chunk_id, {}).items())
+            print(f"edgeagent: chunk {chunk_id} cannot be decoded: {e}{detail}", file=sys.stderr)
+            continue
+        for record in records:
+            record["chunk_id"] = chunk_id
+            record.update(extra.get(chunk_id, {}))
+            out.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
     return 0
+
+
+def _dump_items(
+    spool: Spool | None, dead_letters: bool, limit: int
+) -> tuple[list[tuple[str, bytes]], dict[str, dict[str, str]]]:
+    """What `spool dump` shows, read from `spool` (None: none yet): (chunk id, payload) oldest first, and per
+    chunk id the fields added to each of its records (a dead letter's reason and time)."""
+    import datetime
+
+    if spool is None:
+        return [], {}
+    if not dead_letters:
+        return [(c.chunk_id, c.payload) for c in spool.oldest(limit or 10**9)], {}
+    items = spool.dead_letter_payloads()
+    extra: dict[str, dict[str, str]] = {}
+    for dead in spool.dead_letters(limit=len(items) + 1000):
+        at = datetime.datetime.fromtimestamp(dead["rejected_ns"] / 1e9, datetime.UTC)
+        extra[dead["chunk_id"]] = {"dead_letter_reason": dead["reason"], "dead_letter_at": at.isoformat()}
+    return items, extra

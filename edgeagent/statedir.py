@@ -12,8 +12,8 @@ Owns `state_dir` (the spool inside it belongs to `edgeagent.spool`):
   `edgeagent run`, taken before the spool is opened: a second agent on the same
   state dir exits at once, naming the running one's pid. The file holds the
   holder's pid on its first line and, while the spool cannot be opened, the
-  reason on its second (read by `edgeagent status` and `wake`, which never
-  take the lock). The lock goes with the process, also on kill -9.
+  reason on its second (read by `edgeagent status`, `spool dump` and `wake`,
+  which never take the lock). The lock goes with the process, also on kill -9.
 """
 
 from __future__ import annotations
@@ -124,6 +124,25 @@ def holder(state_dir: Path) -> tuple[int | None, str]:
     """(pid, note) of the agent holding the run lock of `state_dir`, or
     (None, "") when none does. Reads /proc/locks: never takes the lock, so it
     cannot make a starting agent believe another one runs."""
+    pid, text = _read_lock(state_dir)
+    if pid is None:
+        return None, ""
+    return pid, text.partition("\n")[2].strip()
+
+
+def lock_stamp(state_dir: Path) -> tuple[int | None, str]:
+    """What changes when the run lock of `state_dir` changes hands: the pid
+    holding it (None: no agent) and the lock file's first line, the pid of the
+    last agent that took it (`RunLock.acquire` writes it). Two stamps differ
+    when an agent took the lock between them, also one that released it again
+    since (unless it could not write its pid: a lock file it created on a full
+    disk). Takes no lock either."""
+    pid, text = _read_lock(state_dir)
+    return pid, text.partition("\n")[0]
+
+
+def _read_lock(state_dir: Path) -> tuple[int | None, str]:
+    """(the pid holding the run lock per /proc/locks or None, the lock file's text); (None, "") without one."""
     path = Path(state_dir) / LOCK_NAME
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
@@ -134,10 +153,7 @@ def holder(state_dir: Path) -> tuple[int | None, str]:
         text = os.pread(fd, _NOTE_ROOM, 0).decode(errors="replace")
     finally:
         os.close(fd)
-    pid = _flock_holder(st)
-    if pid is None:
-        return None, ""
-    return pid, text.partition("\n")[2].strip()
+    return _flock_holder(st), text
 
 
 def _flock_holder(st: os.stat_result) -> int | None:

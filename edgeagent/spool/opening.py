@@ -4,7 +4,10 @@
 and what every part of the spool shares: `_write()` opens one `BEGIN
 IMMEDIATE` transaction, synced or not. `open()` creates, migrates and checks
 the file; only a corrupt one is moved aside and salvaged, at open and when
-corruption shows up while the agent runs (`_recover`).
+corruption shows up while the agent runs (`_recover`). `read_readonly` is
+how `status` and `spool dump` read a running or stopped agent's spool,
+changing nothing in a stopped one's state dir (`stopped`), and reading again
+when the run lock changed hands while they read.
 
 The reserve: a preallocated 256 KiB `spool.db.reserve` is kept next to the
 spool while the disk has room, and released on a full disk so that deletions
@@ -22,7 +25,7 @@ import sqlite3
 import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
-from typing import Self
+from typing import Self, TypeVar
 
 from edgeagent.errors import SpoolError, SpoolUnavailable
 from edgeagent.records import Record
@@ -41,8 +44,9 @@ from edgeagent.spool.database import (
 )
 from edgeagent.spool.salvage import PayloadCheck, _salvage_pending
 from edgeagent.spool.stopped import connect_as_left, is_wal_file
-from edgeagent.statedir import holder
+from edgeagent.statedir import holder, lock_stamp
 
+T = TypeVar("T")
 _RESERVE_BYTES = 256 * 1024  # released on a full disk so that deletes (acks) can still commit
 
 
@@ -148,8 +152,7 @@ class SpoolBase:
         file is read exactly as the agent left it, committed WAL content
         included, creating, writing and deleting nothing (see `stopped`).
         `as_left` is then true: such a read takes no lock, so an agent that
-        starts meanwhile is not kept out, and the caller checks the run lock
-        again once it has read what it needs.
+        starts meanwhile is not kept out; `read_readonly` reads again then.
 
         While an agent runs, the connection shares its WAL index (`-shm`),
         which SQLite creates and sizes (writes) if it is missing, even for a
@@ -177,6 +180,38 @@ class SpoolBase:
         spool = cls(conn, path, 0, "full", "readonly", 0)
         spool.read_as_is, spool.as_left = reason, as_left
         return spool
+
+    @classmethod
+    def read_readonly(cls, path: Path, read: Callable[[Self | None], T]) -> T:
+        """What `read` returns for the spool at `path`, opened with
+        `open_readonly` (None: no spool yet) and closed after: `status` and
+        `spool dump` read through this. When the run lock changed hands while
+        it read (an agent took it, maybe released it again), what it returned
+        or raised may mix the stopped agent's files with the new one's writes:
+        a read without locks does not keep an agent out. Then it reads once
+        more, and that read is what counts: an agent that still holds the lock
+        is read the running agent's way (its WAL index and SQLite's locks, never
+        its WAL as if stopped). Raises what opening or `read` raise."""
+        path = Path(path)
+        before = lock_stamp(path.parent)
+        try:
+            result = cls._read_once(path, read)
+        except Exception:
+            if lock_stamp(path.parent) == before:
+                raise
+        else:
+            if lock_stamp(path.parent) == before:
+                return result
+        return cls._read_once(path, read)
+
+    @classmethod
+    def _read_once(cls, path: Path, read: Callable[[Self | None], T]) -> T:
+        spool = cls.open_readonly(path)
+        try:
+            return read(spool)
+        finally:
+            if spool is not None:
+                spool._conn.close()  # read-only: nothing to write back
 
     def take_losses(self) -> list[Record]:
         """Loss records about the spool itself to ship (built by `loss.record`):

@@ -23,7 +23,8 @@ Whether a WAL holds a commit is decided here by the WAL file format (header,
 salts, cumulative checksums), the way SQLite recovers a WAL: a WAL without one
 would be deleted by that close-time checkpoint, which has nothing to copy.
 Nothing here ever writes; what guarantees the figures is that no agent runs
-while they are read (the caller checks the run lock before and after).
+while they are read: `Spool.read_readonly` reads again when the run lock
+changed hands meanwhile.
 """
 
 from __future__ import annotations
