@@ -25,7 +25,10 @@ Guarantees:
 session, OTLP/HTTP uploader, config check, fleet operator): verification on,
 the files named by their config key when they cannot be used, and the
 system's CA store looked up lazily when that trusts exactly the same CAs
-(`system_ca_dir`).
+(`system_ca_dir`). The MQTT session and the OTLP/HTTP uploader each keep
+theirs in a `ContextKeeper`: made again at a connection attempt only when a
+file it was made from changed (a renewed certificate, a rotated CA, an
+updated system store), never reused from a file that did.
 """
 
 from __future__ import annotations
@@ -34,8 +37,9 @@ import contextlib
 import os
 import re
 import sys
+import time
 import types
-from collections.abc import MutableMapping
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NoReturn
 
@@ -191,6 +195,80 @@ def client_context(files: TlsFiles, *, check_hostname: bool = True, verify: bool
     if not verify:
         context.verify_mode = ssl.CERT_NONE
     return context
+
+
+# A file changed less than this long ago may change again without its identity changing: timestamps
+# have a granularity (1-2 s on FAT and JFFS2, the kernel's coarse clock elsewhere). No context is kept
+# from such a file.
+SETTLED = 3.0
+
+
+class ContextKeeper:
+    """The client context of one endpoint, kept by the object that owns its connections (the MQTT session,
+    the OTLP/HTTP uploader): `context()` at every connection attempt gives the one made before when no file
+    it was made from has changed since, else makes it again as `client_context()` does.
+
+    What it is made from: the configured CA, certificate and key files; without a CA file, the system
+    store (its CA file, its hashed directories and their hashed files: all that `system_ca_dir` and
+    OpenSSL read). Each file is known by its identity (device, inode, size, mtime and ctime in ns), taken
+    before the files are read: a file replaced by a rename (certbot's symlinks, `update-ca-certificates`),
+    rewritten in place (`cp`, even `cp -p`, which restores an old mtime but never the ctime), or a link
+    added to or removed from a directory (its mtime) makes the next attempt read everything again. No
+    context is kept while a file's ctime is less than `SETTLED` old or in the future (a device without a
+    real-time clock before its clock is set): it is made at every attempt then, as without a keeper."""
+
+    def __init__(self, files: TlsFiles, *, check_hostname: bool = True, verify: bool = True) -> None:
+        self.files, self.check_hostname, self.verify = files, check_hostname, verify
+        self._kept: tuple[bytes, ssl.SSLContext] | None = None
+
+    def context(self) -> ssl.SSLContext:
+        """The context for the next connection. Raises TlsFileError like `client_context()`, keeping nothing."""
+        inputs = self._inputs()
+        if self._kept is not None and self._kept[0] == inputs:
+            return self._kept[1]
+        self._kept = None
+        context = client_context(self.files, check_hostname=self.check_hostname, verify=self.verify)
+        if inputs is not None:
+            self._kept = (inputs, context)
+        return context
+
+    def _inputs(self) -> bytes | None:
+        """A digest of the identities of every file the context is made from; None when one is too young."""
+        import hashlib  # not at the top: `keep_out()` runs after this module is imported
+
+        digest = hashlib.blake2b(digest_size=16)
+        young = time.time_ns() - int(SETTLED * 1e9)
+        for path in self._sources():
+            try:
+                st = os.stat(path)
+            except OSError as e:  # missing or unreadable: its coming back is a change too
+                digest.update(f"{path}\0{e.errno}\n".encode(errors="surrogateescape"))
+                continue
+            if st.st_ctime_ns >= young:
+                return None
+            identity = f"{path}\0{st.st_dev} {st.st_ino} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns}\n"
+            digest.update(identity.encode(errors="surrogateescape"))
+        return digest.digest()
+
+    def _sources(self) -> Iterator[str]:
+        files = self.files
+        yield from (path for path in (files.ca_file, files.cert_file, files.key_file) if path)
+        if files.ca_file:
+            return
+        import ssl
+
+        paths = ssl.get_default_verify_paths()  # as OpenSSL finds them: the environment first
+        yield os.environ.get(paths.openssl_cafile_env, paths.openssl_cafile)
+        for directory in os.environ.get(paths.openssl_capath_env, paths.openssl_capath).split(os.pathsep):
+            if not directory:
+                continue
+            yield directory
+            try:
+                with os.scandir(directory) as entries:
+                    hashed = [entry.path for entry in entries if _HASHED_NAME.fullmatch(entry.name)]
+            except OSError:  # not there, or not readable: the directory's own identity tells when that changes
+                continue
+            yield from hashed
 
 
 _HASHED_NAME = re.compile(r"[0-9a-f]{8}\.\d+")  # what `openssl rehash` names its links: subject hash . n

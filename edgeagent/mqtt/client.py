@@ -3,9 +3,10 @@
 Owns: the broker address (host, port, TLS from the URL, IPv6 literals too),
 the CONNECT packet (client id, protocol, keepalive, credentials read from
 their files at every attempt, the retained last will, and with MQTT 5 the
-Maximum Packet Size and Receive Maximum the agent declares), the TLS context
-(verification always on), and the reconnect policy by CONNACK/DISCONNECT
-reason code.
+Maximum Packet Size and Receive Maximum the agent declares), the TLS files and
+settings (verification always on; the session keeps the context, made again
+when a file changed: `tls.ContextKeeper`), and the reconnect policy by
+CONNACK/DISCONNECT reason code.
 
 Guarantee: a packet the broker sends is never buffered beyond
 `MAX_INCOMING_PACKET`. paho reads a packet whole (`recv(remaining length)` and
@@ -232,9 +233,16 @@ def short_success_puback(body: bytes | bytearray, v5: bool) -> int | None:
     return None
 
 
-def new_client(config: Config, max_queued: int) -> BoundedClient:
-    """A fresh paho client for one connection. Raises ValueError naming the
-    config key when a credential or TLS file cannot be used."""
+def tls_context_keeper(config: Config) -> tls.ContextKeeper:
+    """What makes the TLS context of `[mqtt]`'s connections (used when the URL is mqtts://)."""
+    m = config.mqtt
+    files = tls.TlsFiles(m.ca_file, m.cert_file, m.key_file, "mqtt")
+    return tls.ContextKeeper(files, check_hostname=not m.tls_insecure)
+
+
+def new_client(config: Config, max_queued: int, tls_context: tls.ContextKeeper) -> BoundedClient:
+    """A fresh paho client for one connection, with `tls_context`'s context when the URL is mqtts://.
+    Raises ValueError naming the config key when a credential or TLS file cannot be used."""
     m = config.mqtt
     v5 = m.protocol == "5"
     client = BoundedClient(
@@ -253,8 +261,7 @@ def new_client(config: Config, max_queued: int) -> BoundedClient:
     if m.username:
         client.username_pw_set(m.username, _password(config))
     if broker_address(m.url).tls:
-        files = tls.TlsFiles(m.ca_file, m.cert_file, m.key_file, "mqtt")
-        client.tls_set_context(tls.client_context(files, check_hostname=not m.tls_insecure))
+        client.tls_set_context(tls_context.context())
         if m.tls_insecure:  # paho's own name check too: the chain is still verified
             client.tls_insecure_set(True)
     offline = json.dumps({"state": "offline", "device_id": config.device_id})

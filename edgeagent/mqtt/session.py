@@ -9,7 +9,9 @@ messages dispatched by exact topic), `publish()` resolving to the PUBACK's
 outcome, and the watchdog.
 
 One connection at a time (`link.Link`: a fresh paho client on the event
-loop). Publishes that were not acknowledged when a connection ended resolve as
+loop; the TLS context is kept from one attempt to the next and made again
+only when a TLS file or the system CA store changed: `tls.ContextKeeper`).
+Publishes that were not acknowledged when a connection ended resolve as
 `connection_lost` and their owner (the spool, for logs) sends them again.
 `publish()` never raises for network reasons.
 
@@ -103,6 +105,7 @@ class MqttSession:
         self._connected = asyncio.Event()
         self._closing = False
         self._last_slow_down: float | None = None  # the wait a DISCONNECT reason code asked for
+        self._tls = mqttc.tls_context_keeper(config)  # TLS files and settings are in the connection key
 
     # --- the interface -------------------------------------------------------------
 
@@ -308,7 +311,7 @@ class MqttSession:
         """One connection attempt. Returns the minimum wait the broker asked for, if any."""
         self._woken = False  # this attempt answers the wakes so far; later ones cut the next wait
         try:
-            client = mqttc.new_client(self.config, max_queued=self.config.upload.window + 8)
+            client = mqttc.new_client(self.config, self.config.upload.window + 8, self._tls)
         except ValueError as e:
             self._set_error(str(e))
             return None

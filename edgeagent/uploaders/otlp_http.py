@@ -43,7 +43,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from edgeagent import __version__, codec, tls
 from edgeagent.config import Config, ConfigError, display_url, parse_url
@@ -60,9 +60,6 @@ from edgeagent.uploaders.http11 import (
 )
 from edgeagent.uploaders.otlp_answer import explanation, parse_partial_success
 from edgeagent.uploaders.outcome import Delivered, Outcome, Rejected, Retry, Settled, Split, settle
-
-if TYPE_CHECKING:
-    import ssl
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +131,7 @@ class OtlpHttpUploader:
         self._source = config.source_path or "<config>"
         self._endpoint = self._cfg.endpoint
         self._scheme, self._host, self._port, self._path, self._host_header = self._parse_endpoint()
-        self._ssl = self._ssl_context() if self._scheme == "https" else None
+        self._tls = self._tls_context_keeper() if self._scheme == "https" else None
         self._static_head = self._build_static_head(config)
         self._compression = self._cfg.compression
         self._learned_limit = self._cfg.max_request_size  # lowered by 413 answers
@@ -187,13 +184,18 @@ class OtlpHttpUploader:
             host_header += f":{address.port}"
         return address.scheme, host, address.port, path, host_header
 
-    def _ssl_context(self) -> ssl.SSLContext:
+    def _tls_context_keeper(self) -> tls.ContextKeeper:
+        """The TLS context of every connection: made now (unusable files stop the start or the reload), and
+        made again at a connection when one of its files changed (a renewed certificate, a rotated CA)."""
         cfg = self._cfg
-        files = tls.TlsFiles(cfg.ca_file, cfg.cert_file, cfg.key_file, "otlp_http")
+        keeper = tls.ContextKeeper(
+            tls.TlsFiles(cfg.ca_file, cfg.cert_file, cfg.key_file, "otlp_http"), verify=not cfg.tls_insecure
+        )
         try:
-            return tls.client_context(files, verify=not cfg.tls_insecure)
+            keeper.context()
         except tls.TlsFileError as e:
             raise ConfigError(f"{self._source}: {e}") from None
+        return keeper
 
     def _build_static_head(self, config: Config) -> bytes:
         """Request-line and headers shared by every request (all but length and ids)."""
@@ -258,6 +260,8 @@ class OtlpHttpUploader:
         except (OSError, EOFError, TimeoutError, ProtocolError) as e:
             self._set_reachable(False)
             outcome = Retry(_describe(e))
+        except tls.TlsFileError as e:  # a TLS file that broke since the start: ours to fix, retried meanwhile
+            outcome = Retry(str(e))
         else:
             self._set_reachable(True)
             self._last_status = response.status
@@ -456,14 +460,15 @@ class OtlpHttpUploader:
         raise AssertionError("unreachable")  # the loop either returns or raises
 
     async def _connect(self) -> _Connection:
+        context = self._tls.context() if self._tls is not None else None  # TlsFileError: a file since broken
         try:
             async with asyncio.timeout(self._cfg.connect_timeout):
                 reader, writer = await asyncio.open_connection(
                     self._host,
                     self._port,
-                    ssl=self._ssl,
+                    ssl=context,
                     limit=STREAM_LIMIT,
-                    server_hostname=self._host if self._ssl is not None else None,
+                    server_hostname=self._host if context is not None else None,
                 )
         except TimeoutError:
             raise TimeoutError(
