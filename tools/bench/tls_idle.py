@@ -38,6 +38,7 @@ import socket
 import statistics
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +171,36 @@ def one_run(tree: Path, variant: str, setup: dict[str, Any], index: int, idle_s:
     return {**figures, "machine_busy_pct": 100 * (total - (after[1] - before[1])) / total}
 
 
+def interleaved_rounds(
+    pairs: list[tuple[Path, str]],
+    rounds: int,
+    quiet_wait: float,
+    measure: Callable[[Path, str, int], dict[str, Any]],
+    disturbed: Callable[[dict[str, Any]], bool],
+    shown: Callable[[dict[str, Any]], str],
+    runs: list[dict[str, Any]],
+) -> None:
+    """Every (tree, variant) of `pairs` once per round, the order reversed every other round, each run
+    after waiting up to `quiet_wait` s for a quiet machine; appended to `runs` and printed as they come.
+    `measure(tree, variant, index)` runs one; a run is disturbed when `disturbed(figures)` or no quiet came."""
+    for round_no in range(rounds):
+        for tree, variant in pairs if round_no % 2 == 0 else list(reversed(pairs)):
+            quiet = wait_quiet(quiet_wait)
+            figures = measure(tree, variant, len(runs))
+            marked = disturbed(figures) or not quiet["quiet_reached"]
+            runs.append({"tree": str(tree), "variant": variant, "round": round_no + 1, **quiet, **figures,
+                         "disturbed": marked, "at": time.strftime("%H:%M:%S", time.gmtime())})  # fmt: skip
+            mark = "  DISTURBED" if marked else ""
+            print(f"round {round_no + 1} {variant:8} {tree!s:24} {shown(figures)}{mark}", flush=True)
+
+
+def print_medians(runs: list[dict[str, Any]], pairs: list[tuple[Path, str]], key: str, unit: str) -> None:
+    for tree, variant in pairs:
+        values = [r[key] for r in runs if r["tree"] == str(tree) and r["variant"] == variant]
+        if values:
+            print(f"median {variant:8} {tree!s:24} {key} {statistics.median(values):6.2f} {unit} ({len(values)} runs)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("trees", nargs="*", type=Path, default=[REPO], help="source trees (default: this one)")
@@ -193,29 +224,24 @@ def main() -> None:
     runs: list[dict[str, Any]] = []
     print(f"tls idle bench at {time.strftime('%H:%M UTC', time.gmtime())}, idle {args.idle_seconds:g} s", flush=True)
     try:
-        for round_no in range(args.rounds):
-            for tree, variant in pairs if round_no % 2 == 0 else list(reversed(pairs)):
-                quiet = wait_quiet(args.quiet_wait)
-                figures = one_run(tree, variant, setup, len(runs), args.idle_seconds)
-                disturbed = figures["machine_busy_pct"] > DISTURBED_BUSY_PCT or not quiet["quiet_reached"]
-                run = {"tree": str(tree), "variant": variant, "round": round_no + 1, **quiet, **figures,
-                       "disturbed": disturbed, "at": time.strftime("%H:%M:%S", time.gmtime())}  # fmt: skip
-                runs.append(run)
-                print(
-                    f"round {round_no + 1} {variant:8} {tree!s:24} VmRSS {figures['VmRSS']:5.1f} MiB "
-                    f"(anon {figures['RssAnon']:4.1f}, file {figures['RssFile']:4.1f}) machine busy "
-                    f"{figures['machine_busy_pct']:4.1f} %{'  DISTURBED' if disturbed else ''}",
-                    flush=True,
-                )
+        interleaved_rounds(
+            pairs,
+            args.rounds,
+            args.quiet_wait,
+            lambda tree, variant, index: one_run(tree, variant, setup, index, args.idle_seconds),
+            lambda figures: figures["machine_busy_pct"] > DISTURBED_BUSY_PCT,
+            lambda figures: (
+                f"VmRSS {figures['VmRSS']:5.1f} MiB (anon {figures['RssAnon']:4.1f}, file {figures['RssFile']:4.1f}) "
+                f"machine busy {figures['machine_busy_pct']:4.1f} %"
+            ),
+            runs,
+        )
     finally:
         broker.send_signal(signal.SIGTERM)
         broker.wait(10)
         with open(WORK / "runs.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in runs)
-    for tree, variant in pairs:
-        values = [r["VmRSS"] for r in runs if r["tree"] == str(tree) and r["variant"] == variant]
-        if values:
-            print(f"median {variant:8} {tree!s:24} VmRSS {statistics.median(values):5.2f} MiB ({len(values)} runs)")
+    print_medians(runs, pairs, "VmRSS", "MiB")
 
 
 if __name__ == "__main__":
