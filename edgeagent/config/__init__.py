@@ -454,8 +454,17 @@ def _check_syslog(config: Config, loader: _Loader) -> None:
             loader.fail(f"syslog[{i}].max_connections", syslog.max_connections, "at least 1")
         if syslog.max_message_size < 480:
             loader.fail(f"syslog[{i}].max_message_size", syslog.max_message_size, "at least 480 bytes (RFC 5424)")
-    for match in config.journald.matches:
+    _check_journald(config.journald, loader)
+
+
+def _check_journald(journald: JournaldConfig, loader: _Loader) -> None:
+    for unit in journald.units:
+        # journalctl expands a pattern against the units already in the journal when it starts: a unit that
+        # matches and logs for the first time later is not followed (its entries were lost, docs/journald.md).
+        if not unit or re.search(r"[*?[]", unit):
+            loader.fail("journald.units", unit, "a unit name (not a pattern: list each unit)")
+    for match in journald.matches:
         if not re.fullmatch(r"[A-Z0-9_]+=.*|\+", match, re.DOTALL):
             loader.fail("journald.matches", match, 'FIELD=VALUE (upper-case field name), or "+" (OR)')
-    if config.journald.max_message_size < 1024:
-        loader.fail("journald.max_message_size", config.journald.max_message_size, "at least 1KiB")
+    if journald.max_message_size < 1024:
+        loader.fail("journald.max_message_size", journald.max_message_size, "at least 1KiB")
