@@ -3,12 +3,12 @@ Fluent Bit, on the same work, interleaved in one invocation.
 
 Each round runs every subject once, in the same order; `--runs` rounds. Before each run the harness reads the
 corpus into the page cache (`cache_file`: every subject reads it from memory, as a log file just written is
-read; Fluent Bit's tail evicts it) and waits for a quiet machine (`wait_quiet`: under `QUIET_BUSY_PCT` of both CPUs busy for `QUIET_S` seconds in a row,
-at most `--quiet-wait` seconds), then records over the measured window the share of both CPUs that was busy,
-what of it was not ours (the subject, the broker, the harness with its sink/proxy/subscriber threads:
-`others_busy_pct`) and the hypervisor's steal. A run with others >= 10 % or steal >= 5 % is **disturbed**
-(the rule of scenarios 6 and 7); medians are taken over the undisturbed runs only, and the report says how
-many there were.
+read; Fluent Bit's tail evicts it) and waits for a quiet machine (`wait_quiet`: under `QUIET_BUSY_PCT` of
+both CPUs busy for `QUIET_S` seconds in a row, at most `--quiet-wait` seconds), then records over the
+measured window the share of both CPUs that was busy, what of it was not ours (the subject, the broker, the
+harness with its sink/proxy/subscriber threads: `others_busy_pct`) and the hypervisor's steal. A run with
+others >= 10 % or steal >= 5 % is **disturbed** (the rule of scenarios 6 and 7); medians are taken over the
+undisturbed runs only, and the report says how many there were.
 
 Subjects (all read the corpus file from the beginning; the goal is every line delivered and acknowledged):
 - `edgeagent-mqtt`: scenario 1's agent (MQTT 5 QoS 1, straight to mosquitto; its wire bytes are the kernel's
