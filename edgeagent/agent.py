@@ -207,7 +207,7 @@ class Agent:
                 reload_wait.cancel()
                 if self._reload.is_set() and not self._stop.is_set():
                     self._reload.clear()
-                    await self._apply_reload()
+                    await self._reload_notified(notifier)
                 self.spool.retry_unrecorded()
                 self._write_status("running")
                 self._heap.trim()
@@ -374,6 +374,15 @@ class Agent:
         self._uploader = None
         self._uploader_ctx = None
         return committed
+
+    async def _reload_notified(self, notifier: service.Notifier) -> None:
+        """A SIGHUP reload between `RELOADING=1` and `READY=1`, so that systemd sees it begin and end, applied
+        or refused (a restart for TLS leaves READY=1 to the new process)."""
+        notifier.reloading("reloading the config")
+        await self._apply_reload()
+        if not self.restart_for_tls:
+            refused = "; reload refused, running config kept" if "config" in self._errors else ""
+            notifier.ready(f"running: device {self.config.device_id}{refused}")
 
     async def _apply_reload(self) -> None:
         path = self.config.source_path

@@ -153,7 +153,8 @@ class Notifier:
         self.send("STOPPING=1", "STATUS=stopping")
 
     def reloading(self, status: str) -> None:
-        """Before the agent executes itself again (same PID); the new process sends READY=1."""
+        """Before a SIGHUP reload (READY=1 follows, applied or refused) or before the agent executes itself
+        again (same PID; the new process sends READY=1)."""
         self.send("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}", f"STATUS={status}")
 
     def start_watchdog(self) -> None:

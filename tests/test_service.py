@@ -138,6 +138,30 @@ def test_agent_notifies_ready_watchdog_and_stopping(tmp_path: Path, procs: list,
     assert fields.index("READY=1") < fields.index("STOPPING=1")
 
 
+def test_sighup_reload_is_framed_by_reloading_and_ready_applied_or_refused(tmp_path: Path, procs: list) -> None:
+    """systemd sees a SIGHUP reload begin and end (`systemctl reload` with ExecReload=kill, or
+    Type=notify-reload): RELOADING=1 with MONOTONIC_USEC, then READY=1, also for a refused config."""
+    notify = NotifySocket(str(tmp_path / "notify"))
+    config_path = write_config(tmp_path)
+    proc = start_agent(config_path, {"NOTIFY_SOCKET": notify.address}, tmp_path / "err")
+    procs.append(proc)
+    wait_for(lambda: notify.has("READY=1"), 30, interval=0, what="READY=1")
+    config_path.write_text(config_path.read_text().replace('"svc-dev"', '"svc-dev-2"'))
+    proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: notify.has("READY=1", 2), 30, interval=0, what="READY=1 after the reload")
+    fields = notify.fields()
+    reloading = fields.index("RELOADING=1")
+    assert fields[reloading + 1].startswith("MONOTONIC_USEC="), fields
+    assert fields.index("READY=1") < reloading < len(fields) - 1 - fields[::-1].index("READY=1")
+    assert "STATUS=running: device svc-dev-2" in fields[reloading:], fields
+    config_path.write_text("[upload\n")
+    proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: notify.has("READY=1", 3), 30, interval=0, what="READY=1 after the refused reload")
+    assert notify.has("RELOADING=1", 2) and proc.poll() is None
+    assert "STATUS=running: device svc-dev-2; reload refused, running config kept" in notify.fields()
+    assert "reload refused" in (tmp_path / "err").read_text()
+
+
 def test_no_watchdog_pings_when_watchdog_pid_names_another_process(tmp_path: Path, procs: list) -> None:
     notify = NotifySocket(str(tmp_path / "notify"))
     env = {"NOTIFY_SOCKET": notify.address, "WATCHDOG_USEC": "100000", "WATCHDOG_PID": "1"}
