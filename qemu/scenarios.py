@@ -40,7 +40,7 @@ from tests.conftest import Broker
 from tests.mqtt_helpers import Subscriber
 
 MQTT_PORT = 1883
-SCENARIOS = ["first_boot", "reboot", "tmp_wiped", "clock", "link", "powercut", "powercut_normal", "idle"]
+SCENARIOS = ["first_boot", "reboot", "tmp_wiped", "clock", "link", "powercut", "powercut_normal", "idle", "reload"]
 POWERCUT_ROUNDS = 20  # issue 12: 20 power cuts in a row (each round is a boot)
 POWERCUT_NORMAL_ROUNDS = 6  # durability = "normal": enough rounds to show what it loses
 
@@ -323,6 +323,23 @@ def idle(guest: Guest, rx: Receiver, result: Result) -> list[str]:
     return []
 
 
+def reload(guest: Guest, rx: Receiver, result: Result) -> list[str]:
+    """The guest checked the unit (reload exit status, RELOADING=1 then READY=1, active, same PID, the
+    refused file's error); here: every line of both files, written across the reloads, arrived once."""
+    guest.boot("reload")
+    results = finish(guest, 900)
+    figures = json.loads(results["result.json"])["figures"]
+    expected = lines("reload-before", 3) + lines("reload-old", figures["old_lines"])
+    problems = verify(results, rx.records(), expected + lines("reload-new", figures["new_lines"]))
+    result.figures = {key: figures[key] for key in ("systemd", "old_lines", "new_lines", "mqtt_connects")}
+    for step in ("applied", "refused", "restored"):
+        result.figures[f"{step}_returned_s"] = figures[step]["returned_s"]
+        result.figures[f"{step}_ready_s"] = figures[step]["ready_s"]
+        result.figures[f"{step}_systemctl_waited"] = figures[step]["systemctl_waited"]
+    result.detail = f"refused: {figures['error']}"
+    return problems
+
+
 def run(name: str, arch: str, session: Session) -> Result:
     result = Result(name, arch)
     t0 = time.monotonic()
@@ -346,6 +363,7 @@ def run(name: str, arch: str, session: Session) -> Result:
                 guest, rx, result, min(POWERCUT_NORMAL_ROUNDS, session.powercut_rounds), session.log
             ),
             "idle": lambda: idle(guest, rx, result),
+            "reload": lambda: reload(guest, rx, result),
         }
         problems = flows[name]()
         result.ok = not problems

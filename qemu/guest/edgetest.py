@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -382,6 +384,136 @@ def idle() -> None:
     finish(figures=figures)
 
 
+CONFIG = Path("/etc/edgeagent/edgeagent.toml")
+NEW_LOG = Path("/var/log/edgetest-new/new.log")
+# What the agent logs on a reload: applied, or refused naming the file and the line of the error.
+APPLIED = f"reloading config from {re.escape(str(CONFIG))}"
+REFUSED = rf"reload refused, keeping the running config: {re.escape(str(CONFIG))}: .*line \d+"
+NEW_FILES = f'\n[[files]]\ninclude = ["{NEW_LOG.parent}/*.log"]\nstart_at = "beginning"\n'
+
+
+def agent_journal() -> list[str]:
+    """The unit's journal of this boot: the agent's lines and systemd's about the unit (debug ones too)."""
+    out = subprocess.run(["journalctl", "-b", "-u", "edgeagent", "-o", "cat", "--no-pager"], capture_output=True)
+    return out.stdout.decode(errors="replace").splitlines()
+
+
+def unit_state() -> dict[str, str]:
+    out = subprocess.run(
+        ["systemctl", "show", "-p", "ActiveState,SubState,MainPID,NRestarts", "edgeagent"],
+        capture_output=True,
+        text=True,
+    )
+    return dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
+
+
+def reload_seen(journal: list[str], outcome: str) -> list[str]:
+    """The lines of a finished reload: the agent's RELOADING=1, its outcome, then READY=1 (systemd's debug log
+    of the notifications and of the unit's states)."""
+    notes = [i for i, line in enumerate(journal) if "notification message" in line]
+    begun = next((i for i in notes if "RELOADING=1" in journal[i]), None)
+    if begun is None:
+        return []
+    ended = next((i for i in notes if i > begun and "READY=1" in journal[i]), None)
+    said = [line for line in journal[begun:] if re.search(outcome, line)]
+    return journal[begun : ended + 1] if ended is not None and said else []
+
+
+def reload_agent(step: str, outcome: str) -> dict:
+    """`systemctl reload edgeagent`, then until the agent told systemd it is done (READY=1 after RELOADING=1,
+    with `outcome` in its log) and the unit is active (running) again, same main PID, no restart.
+    `systemctl_waited`: the reload job ended after that READY=1 (systemd 252 waits for it only when the
+    agent's RELOADING=1 arrived before `kill`, the ExecReload, exited)."""
+    before, state = len(agent_journal()), unit_state()
+    t0 = time.monotonic()
+    done = subprocess.run(["systemctl", "reload", "edgeagent"], capture_output=True, text=True)
+    returned = time.monotonic() - t0
+    if done.returncode != 0:
+        fail(f"systemctl reload exited {done.returncode}: {done.stderr.strip()}")
+    seen = wait(lambda: reload_seen(agent_journal()[before:], outcome), 180, f"RELOADING=1, {outcome!r}, READY=1")
+    ready = time.monotonic() - t0
+    after = wait(lambda: (s := unit_state())["ActiveState"] == "active" and s, 60, "the unit to be active again")
+    if (after["SubState"], after["MainPID"], after["NRestarts"]) != ("running", state["MainPID"], state["NRestarts"]):
+        fail(f"the unit after the reload: {after}, before: {state}")
+    journal = agent_journal()[before:]
+    transitions = [line for line in journal if re.search(r"Changed \w+ -> \w+", line)]
+    if not any("running -> reload" in line for line in transitions):
+        fail(f"the unit never went through reloading: {transitions}")
+    job = r"Job \d+ edgeagent.service/reload finished"
+    waited = next((i for i, line in enumerate(journal) if re.search(job, line)), -1) > journal.index(seen[-1])
+    say(f"{step}: systemctl returned after {returned:.2f}s (waited for READY=1: {waited}), READY=1 after {ready:.2f}s")
+    figures = {"returned_s": round(returned, 2), "ready_s": round(ready, 2), "systemctl_waited": waited}
+    return figures | {"states": transitions, "seen": seen}
+
+
+def write_new(first: int, count: int) -> int:
+    for i in range(first, first + count):
+        append_line(NEW_LOG, f"edgetest reload-new f{i}")
+    return first + count
+
+
+def wait_file_committed(path: Path) -> None:
+    size = path.stat().st_size
+    wait(lambda: committed_offset(path) >= size, 120, f"the spool to commit {path} up to {size}")
+
+
+def reload() -> None:
+    """The config changed under a running, connected agent and `systemctl reload`: a second log file is
+    read from then on while the first is written throughout (nothing lost or twice across the reloads);
+    then an invalid file is refused (the agent runs on with the old config and says where the error is);
+    then the valid file is restored. The unit stays active with the same main PID throughout."""
+    start()
+    wait(uploader_connected, 120, "the uploader to connect")
+    write_lines("reload-before", 3)
+    wait_committed()
+    wait_drained()
+    original = CONFIG.read_text()
+    NEW_LOG.parent.mkdir(parents=True, exist_ok=True)
+    new_lines = write_new(0, 3)  # before the reload: read from the beginning once the new config is in
+    old_lines = 0
+    writing = threading.Event()
+    writing.set()
+
+    def writer() -> None:  # the first file, written across every reload
+        nonlocal old_lines
+        while writing.is_set():
+            append_line(LOGDIR / "demo.log", f"edgetest reload-old f{old_lines}")
+            old_lines += 1
+            time.sleep(0.1)
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    subprocess.run(["systemd-analyze", "log-level", "debug"], check=True)  # the notifications and states
+    CONFIG.write_text(original + NEW_FILES)
+    applied = reload_agent("applied", APPLIED)
+    new_lines = write_new(new_lines, 3)
+    wait_file_committed(NEW_LOG)
+    wait_drained()
+    CONFIG.write_text(original + NEW_FILES + "\n[broken\n")  # a TOML syntax error
+    refused = reload_agent("refused", REFUSED)
+    new_lines = write_new(new_lines, 3)  # the running config still reads both files
+    wait_file_committed(NEW_LOG)
+    wait_committed()
+    wait_drained()
+    CONFIG.write_text(original + NEW_FILES)
+    restored = reload_agent("restored", APPLIED)
+    new_lines = write_new(new_lines, 2)
+    writing.clear()
+    thread.join()
+    subprocess.run(["systemd-analyze", "log-level", "info"], check=True)
+    wait_file_committed(NEW_LOG)
+    wait_committed()
+    wait_drained()
+    journal = agent_journal()
+    error = next(line for line in journal if "reload refused" in line)
+    save_ring("1")
+    version = subprocess.run(["systemctl", "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    figures = {"systemd": version, "old_lines": old_lines, "new_lines": new_lines, "error": error}
+    figures |= {"applied": applied, "refused": refused, "restored": restored}
+    figures["mqtt_connects"] = sum("mqtt: connected to" in line for line in journal)
+    finish(figures=figures)
+
+
 def main() -> None:
     scenario = sys.argv[1]
     say(f"scenario {scenario} boot={boot_number()} uptime={Path('/proc/uptime').read_text().split()[0]}")
@@ -395,6 +527,7 @@ def main() -> None:
         "powercut": lambda: powercut(final=False),
         "powercut_final": lambda: powercut(final=True),
         "idle": idle,
+        "reload": reload,
     }
     try:
         scenarios[scenario]()
