@@ -5,6 +5,7 @@
     │   └── StateDirError ...... state_dir unsafe or unusable (symlink, group/other writable, not a dir)
     ├── AlreadyRunning ......... another agent holds state_dir/edgeagent.lock
     ├── RestartRequired ........ a new config needs TLS this process kept out: the agent restarts itself
+    ├── TlsFileError ........... a TLS file (CA, certificate, key) cannot be used: names its key (a ValueError)
     ├── SpoolError ............. the spool can never be used as it is (newer schema, no state dir)
     │   └── SpoolUnavailable ... the spool cannot be used right now (disk full, EIO, read-only, locked)
     ├── TransportError ......... the way to the broker or collector failed, or the peer broke the protocol
@@ -30,6 +31,10 @@ Who raises and who catches:
 - RestartRequired: `Agent.apply_config`, once the new config was checked whole (with TLS, in a child) and
   the agent began a clean stop to execute itself again with TLS (`tls`). Caught by the reload (nothing
   more to do) and by `fleet.device` (the probation goes on after the restart, `prepare_restart`).
+- TlsFileError: `tls.client_context` and `tls.ContextKeeper.context` (a file missing, unreadable, not PEM,
+  a key without its certificate). Caught by the config check (a ConfigError naming the key), by the MQTT
+  session's connection attempt and the OTLP/HTTP uploader (shown in `status` as the last error; the data is
+  kept and the attempt retried with backoff) and by the fleet operator (an OperatorError).
 - SpoolError: `Spool.open` (newer schema, state dir cannot be created, the schema child failed); the CLI
   exits 1. SpoolUnavailable: `Spool.open`, with the files left as they were; the agent waits it out (1 s
   doubling to 30 s, shown in `status`). A write that fails the same way (`Spool.append`) raises the plain
@@ -102,6 +107,14 @@ class RestartRequired(EdgeagentError):
 
 
 # --- the spool --------------------------------------------------------------------
+
+
+class TlsFileError(EdgeagentError, ValueError):
+    """A TLS file that cannot be used, named by its key (`key = 'path': expected ...`)."""
+
+    def __init__(self, key: str, path: str, expected: str) -> None:
+        super().__init__(f"{key} = {path!r}: expected {expected}")
+        self.key, self.path, self.expected = key, path, expected
 
 
 class SpoolError(EdgeagentError):

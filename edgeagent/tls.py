@@ -43,6 +43,8 @@ from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NoReturn
 
+from edgeagent.errors import TlsFileError
+
 if TYPE_CHECKING:
     import ssl
 
@@ -153,14 +155,6 @@ class TlsFiles:
 
     def key(self, name: str) -> str:
         return f"{self.section}.{name}" if self.section else "--" + name.replace("_", "-")
-
-
-class TlsFileError(ValueError):
-    """A TLS file that cannot be used, named by its key (`key = 'path': expected ...`)."""
-
-    def __init__(self, key: str, path: str, expected: str) -> None:
-        super().__init__(f"{key} = {path!r}: expected {expected}")
-        self.key, self.path, self.expected = key, path, expected
 
 
 def client_context(files: TlsFiles, *, check_hostname: bool = True, verify: bool = True) -> ssl.SSLContext:

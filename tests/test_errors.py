@@ -14,6 +14,7 @@ from edgeagent import errors
 RAISED_IN = {
     "edgeagent.config": ["ConfigError"],
     "edgeagent.statedir": ["StateDirError", "AlreadyRunning"],
+    "edgeagent.tls": ["TlsFileError"],
     "edgeagent.spool": ["SpoolError", "SpoolUnavailable"],
     "edgeagent.mqtt.link": ["ConnectFailed"],
     "edgeagent.mqtt.client": ["PacketTooLarge"],
@@ -80,6 +81,9 @@ def test_errors_keep_the_standard_bases_callers_catch() -> None:
     assert issubclass(errors.CorruptChunk, ValueError) and issubclass(errors.CannotSplit, ValueError)
     assert errors.CorruptChunk("bad", 2).index == 2
     assert issubclass(errors.MalformedRecord, ValueError)
+    # The MQTT session's connection attempt catches ValueError (a credential or TLS file it cannot use).
+    assert issubclass(errors.TlsFileError, ValueError)
+    assert errors.TlsFileError("mqtt.ca_file", "/x", "a PEM file").key == "mqtt.ca_file"
     assert issubclass(errors.StateDirError, errors.ConfigError)
     assert errors.PolicyError("spool.max_size", "1GiB", "not allowed").key == "spool.max_size"
     assert errors.CliError("x").code == 1
