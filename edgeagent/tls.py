@@ -258,11 +258,9 @@ class ContextKeeper:
                 continue
             yield directory
             try:
-                with os.scandir(directory) as entries:
-                    hashed = [entry.path for entry in entries if _HASHED_NAME.fullmatch(entry.name)]
+                yield from _hashed_files(directory)
             except OSError:  # not there, or not readable: the directory's own identity tells when that changes
                 continue
-            yield from hashed
 
 
 _HASHED_NAME = re.compile(r"[0-9a-f]{8}\.\d+")  # what `openssl rehash` names its links: subject hash . n
@@ -288,7 +286,7 @@ def system_ca_dir() -> str | None:
     if not paths.capath:
         return None
     try:
-        hashed = [entry.path for entry in os.scandir(paths.capath) if _HASHED_NAME.fullmatch(entry.name)]
+        hashed = _hashed_files(paths.capath)
         if not hashed:
             return None
         if not paths.cafile:  # the defaults are the directory alone
@@ -302,6 +300,12 @@ def system_ca_dir() -> str | None:
     except OSError:
         return None
     return paths.capath if in_file <= in_dir else None
+
+
+def _hashed_files(directory: str) -> list[str]:
+    """The paths of the certificate links `openssl rehash` made in `directory` (what OpenSSL looks up there)."""
+    with os.scandir(directory) as entries:
+        return [entry.path for entry in entries if _HASHED_NAME.fullmatch(entry.name)]
 
 
 def _certificates(path: str) -> set[str] | None:
